@@ -1,0 +1,49 @@
+"""The corrector protocol: transform a reused feature before the model applies its gate.
+
+Correctors (EOC's trend multiply, GOC's gradient extrapolation) compose with any policy. The
+engine calls ``correct`` only on REUSE, and ``observe`` after every site call with the feature the
+model actually used, so a corrector can keep its own history (GOC's gradient queue).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..registry import Registry
+from ..types import Kind, RunInfo, Site, StepInfo
+
+
+class Corrector:
+    name = "identity"
+
+    def reset(self, run: RunInfo) -> None:
+        """Called at the start of every sampling call; drop per-run state."""
+        self.run = run
+
+    def correct(self, step: StepInfo, site: Site, cached: torch.Tensor) -> torch.Tensor:
+        return cached
+
+    def observe(self, step: StepInfo, site: Site, kind: Kind, used: torch.Tensor) -> None:
+        """Sees the feature used at a site, whether computed, partially computed or reused."""
+
+    def memory_bytes(self) -> int:
+        return 0
+
+    def describe(self) -> dict:
+        import dataclasses
+
+        cfg = getattr(self, "config", None)
+        return {"name": self.name, **(dataclasses.asdict(cfg) if cfg is not None else {})}
+
+
+def _load_correctors() -> None:
+    for module in ("eoc", "goc"):
+        try:
+            __import__(f"{__package__}.{module}")
+        except ModuleNotFoundError as err:
+            if err.name != f"{__package__}.{module}":
+                raise
+
+
+CORRECTORS = Registry("corrector", _load_correctors)
+register_corrector = CORRECTORS.register

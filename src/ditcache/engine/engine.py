@@ -1,0 +1,220 @@
+"""The cache engine: intercepts a model's sites, keeps the feature store, asks the policy, applies
+the correctors and counts what ran. It knows no paper names.
+
+Interception replaces ``forward`` on the *instances* of the attention and MLP sub-modules and of
+the blocks (an instance attribute shadows the class method that ``nn.Module.__call__`` looks up),
+so no model code changes and ``remove()`` restores the model exactly. The block wrappers implement
+the trunk action; the site wrappers implement COMPUTE / REUSE / PARTIAL:
+
+    COMPUTE  out = sub_module(x);           store[site] = out            (if the policy may reuse it)
+    REUSE    out = correctors(store[site])                               (sub-module not called)
+    PARTIAL  out = store[site] with rows tokens replaced by sub_module(x[tokens]); store[site] = out
+
+Outside a sampling run (before ``begin_run`` or after ``end_run``) every wrapper calls straight
+through, so the installed model behaves as the bare model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..adapters import Adapter, adapter_for
+from ..correctors import Corrector
+from ..policies import Policy
+from ..types import MLP_ONLY_PARTIAL, TRUNK, Branch, Kind, RunInfo, Site, StepInfo
+from .counters import Counters
+
+
+class CacheEngine:
+    """Feature caching on one model. Use as a context manager or ``install()`` / ``remove()``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        policy: Optional[Policy] = None,
+        correctors: Sequence[Corrector] = (),
+        adapter: Optional[Adapter] = None,
+    ):
+        self.model = model
+        self.policy = policy if policy is not None else Policy()
+        self.correctors = list(correctors)
+        self.adapter = adapter or adapter_for(model)
+        self.dims = self.adapter.dims(model)
+        self.store: dict[Site, torch.Tensor] = {}
+        self.counters = Counters(self.dims)
+        self.peak_bytes = 0
+        self._step: Optional[StepInfo] = None
+        self._patched: list[tuple[nn.Module, object]] = []
+        self._keep: dict[Site, bool] = {}
+        self._trunk_reused = False
+
+    # -- installation -------------------------------------------------------------------------
+    def install(self) -> "CacheEngine":
+        if getattr(self.model, "_ditcache_engine", None) is not None:
+            raise RuntimeError("a CacheEngine is already installed on this model; remove it first")
+        blocks = self.adapter.blocks(self.model)
+        for i, block in enumerate(blocks):
+            self._patch(block, self._block_forward(i, len(blocks), block.forward))
+        for site, module in self.adapter.site_modules(self.model).items():
+            self._patch(module, self._site_forward(site, module.forward))
+        self.model._ditcache_engine = self
+        return self
+
+    def _patch(self, module: nn.Module, forward) -> None:
+        self._patched.append((module, module.__dict__.get("forward")))
+        module.forward = forward
+
+    def remove(self) -> None:
+        """Restore every patched module; the model is then the bare model again."""
+        for module, previous in reversed(self._patched):
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
+        self._patched.clear()
+        self.store.clear()
+        self._step = None
+        if getattr(self.model, "_ditcache_engine", None) is self:
+            del self.model._ditcache_engine
+
+    def __enter__(self) -> "CacheEngine":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    # -- the sampler's hooks ------------------------------------------------------------------
+    def begin_run(self, info: RunInfo) -> None:
+        """Reset all per-sample state; nothing leaks from one sampling call to the next."""
+        if not self._patched:
+            raise RuntimeError("install() the engine before sampling with it")
+        info = dataclasses.replace(info, depth=self.dims.depth, num_tokens=self.dims.num_tokens)
+        self.run = info
+        self.store.clear()
+        self.counters = Counters(self.dims)
+        self.peak_bytes = 0
+        self.policy.reset(info)
+        for corrector in self.correctors:
+            corrector.reset(info)
+        sites = self.adapter.site_modules(self.model)
+        self._keep = {site: self.policy.may_reuse(site) for site in sites}
+        self._observes = type(self.policy).observe is not Policy.observe
+
+    def begin_step(self, step: StepInfo) -> None:
+        self._note_memory()
+        self._step = step
+
+    def end_run(self) -> None:
+        self._note_memory()
+        self._step = None
+        self.store.clear()
+
+    # -- what the wrappers do -----------------------------------------------------------------
+    def _block_forward(self, index: int, depth: int, original):
+        def forward(*args, **kwargs):
+            step = self._step
+            if step is None:
+                return original(*args, **kwargs)
+            hidden = args[0] if args else kwargs["hidden_states"]
+            batch = hidden.shape[0]
+            if index == 0:
+                self.counters.forward(step.index, batch)
+                self._trunk_reused = self.policy.uses_trunk and self.policy.trunk_action(step).kind is Kind.REUSE
+            if self._trunk_reused:
+                self.counters.block(step.index, batch, skipped=True)
+                for branch in (Branch.ATTN, Branch.MLP):
+                    self.counters.site(step.index, branch, batch, 0)
+                # the whole stack is skipped: pass the stream through, the last block hands back
+                # the stored output of the block stack
+                return self._stored(TRUNK, batch) if index == depth - 1 else hidden
+            self.counters.block(step.index, batch, skipped=False)
+            out = original(*args, **kwargs)
+            if index == depth - 1 and self.policy.uses_trunk:
+                self.store[TRUNK] = out
+            return out
+
+        return forward
+
+    def _site_forward(self, site: Site, original):
+        def forward(*args, **kwargs):
+            step = self._step
+            if step is None:
+                return original(*args, **kwargs)
+            action = self.policy.action(step, site)
+            x = args[0] if args else kwargs["hidden_states"]
+            batch, tokens = x.shape[0], x.shape[1]  # (B, N, C)
+            if action.kind is Kind.COMPUTE:
+                out = original(*args, **kwargs)
+                if self._keep[site]:
+                    self.store[site] = out
+                tokens_run = tokens
+            elif action.kind is Kind.REUSE:
+                out = self._stored(site, batch)
+                for corrector in self.correctors:
+                    out = corrector.correct(step, site, out)
+                tokens_run = 0
+            else:
+                out = self._partial(site, action.tokens, original, args, kwargs)
+                tokens_run = action.tokens.shape[1]
+            self.counters.site(step.index, site.branch, batch, tokens_run)
+            if self._observes:
+                self.policy.observe(step, site, action, args, out)
+            for corrector in self.correctors:
+                corrector.observe(step, site, action.kind, out)
+            return out
+
+        return forward
+
+    def _partial(self, site: Site, tokens: torch.Tensor, original, args, kwargs) -> torch.Tensor:
+        """Run a token-wise sub-module on the chosen tokens only and scatter into the cache."""
+        if site.branch not in MLP_ONLY_PARTIAL:
+            raise ValueError(f"PARTIAL needs a token-wise sub-module; {site} is not (only MLP sites are)")
+        if not args:
+            raise ValueError("PARTIAL needs the sub-module's input as its first positional argument")
+        x = args[0]  # (B, N, C)
+        stored = self._stored(site, x.shape[0])  # (B, N, C_out)
+        if tokens.shape[0] != x.shape[0]:
+            raise ValueError(f"PARTIAL tokens are for batch {tokens.shape[0]}, the input has {x.shape[0]}")
+        picked = x.gather(1, tokens.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, k, C)
+        fresh = original(picked, *args[1:], **kwargs)  # (B, k, C_out)
+        out = stored.scatter(1, tokens.unsqueeze(-1).expand(-1, -1, fresh.shape[-1]), fresh)  # (B, N, C_out)
+        self.store[site] = out
+        return out
+
+    def _stored(self, site: Site, batch: int) -> torch.Tensor:
+        feature = self.store.get(site)
+        if feature is None:
+            raise ValueError(
+                f"policy {self.policy.name!r} reuses {site} at step {self._step.index} "
+                "before it was ever computed in this run"
+            )
+        if feature.shape[0] != batch:
+            raise ValueError(f"cached {site} has batch {feature.shape[0]}, this call has {batch}")
+        return feature
+
+    # -- reporting ----------------------------------------------------------------------------
+    def memory_bytes(self) -> int:
+        """Bytes held now by the feature store and the correctors' state."""
+        store = sum(t.numel() * t.element_size() for t in self.store.values())
+        return store + sum(c.memory_bytes() for c in self.correctors)
+
+    def _note_memory(self) -> None:
+        self.peak_bytes = max(self.peak_bytes, self.memory_bytes())
+
+    def report(self) -> dict:
+        """What ran in the last sampling call: compute fraction, MACs ratio, cache memory."""
+        return {
+            **self.counters.report(),
+            "cache_peak_bytes": self.peak_bytes,
+            "policy": self.policy.describe(),
+            "correctors": [c.describe() for c in self.correctors],
+        }
+
+
+def apply_cache(model: nn.Module, policy: Optional[Policy] = None, correctors: Sequence[Corrector] = ()) -> CacheEngine:
+    """Install a CacheEngine on ``model`` and return it (``engine.remove()`` undoes it)."""
+    return CacheEngine(model, policy, correctors).install()

@@ -1,0 +1,66 @@
+"""Rule-based schedules: an explicit (step x block x branch) map, from a preset or a file.
+
+The presets are the "Rule-based Method" (RM) of the EOC and GOC papers (methods.md §2), defined
+there for DDIM-20 and written here for any step count:
+- rm-50: every odd step fully reused ({1, 3, ..., 19} at 20 steps);
+- rm-25: the odd steps of the first half ({1, 3, 5, 7, 9} at 20 steps);
+- rm-75: a full step every fourth step, the other three reused. EOC v3 reports a 75% setting
+  whose schedule is not published; with interval 2 it cannot exceed 50%, so this is our choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ..types import RunInfo
+from .base import register_policy
+from .schedule import Schedule, step_schedule
+from .static import StaticPolicy
+
+
+def rm_steps(preset: str, num_steps: int) -> list[int]:
+    """The cached steps of a rule preset at ``num_steps`` steps."""
+    if preset == "rm-50":
+        return list(range(1, num_steps, 2))
+    if preset == "rm-25":
+        return list(range(1, num_steps // 2, 2))
+    if preset == "rm-75":
+        return [s for s in range(num_steps) if s % 4 != 0]
+    raise ValueError(f"unknown rule preset {preset!r}; choose from {sorted(PRESETS)}")
+
+
+PRESETS = ("rm-25", "rm-50", "rm-75")
+
+
+@dataclass(frozen=True)
+class RuleConfig:
+    preset: Optional[str] = "rm-50"  # one of PRESETS
+    path: Optional[str] = None  # a schedule JSON file (Schedule.to_json format); overrides preset
+
+
+class RulePolicy(StaticPolicy):
+    name = "rule"
+
+    def __init__(self, config: RuleConfig, schedule: Optional[Schedule] = None):
+        self.config = config
+        self._fixed = schedule
+        if schedule is None and config.path is not None:
+            self._fixed = Schedule.load(config.path)
+        elif schedule is None and config.preset not in PRESETS:
+            raise ValueError(f"unknown rule preset {config.preset!r}; choose from {list(PRESETS)} or give a path")
+
+    def build(self, run: RunInfo) -> Schedule:
+        if self._fixed is not None:
+            return self._fixed
+        return step_schedule(run.num_steps, run.depth, rm_steps(self.config.preset, run.num_steps), self.config.preset)
+
+
+@register_policy("rule", RuleConfig, "an explicit step x block x branch schedule: preset rm-25/rm-50/rm-75 or a JSON file")
+def _rule(config: RuleConfig) -> RulePolicy:
+    return RulePolicy(config)
+
+
+def schedule_policy(schedule: Schedule) -> RulePolicy:
+    """A rule policy over an in-memory schedule (L2C's thresholded router, a user's array)."""
+    return RulePolicy(RuleConfig(preset=None, path=None), schedule=schedule)
