@@ -1,0 +1,1 @@
+"""Training our DiT (the embedded default model)."""
