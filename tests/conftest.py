@@ -5,7 +5,7 @@ import torch
 
 from ditcache.models.dit import DiT
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tests use tiny models; one thread avoids oversubscribing 2 cores
 
 
 def tiny_dit(depth=3, hidden=32, heads=2, size=8, patch=2, channels=4, classes=5, learn_sigma=True, seed=0):

@@ -90,6 +90,8 @@ class RunInfo:
     timesteps: tuple[int, ...] = ()  # original DDPM timestep of each step, in sampling order
     sampler: str = ""
     cfg_scale: float = 1.0
+    fingerprint: str = ""  # the model's weights digest (keys calibration artifacts); "" if unknown
+    resolution: int = 0  # pixel size of the generated images; 0 if unknown
 
 
 @dataclass(frozen=True)

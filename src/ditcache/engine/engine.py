@@ -51,6 +51,12 @@ class CacheEngine:
         self._patched: list[tuple[nn.Module, object]] = []
         self._keep: dict[Site, bool] = {}
         self._trunk_reused = False
+        self.model_info: dict = {}  # fingerprint / resolution of the loaded model, for RunInfo
+
+    def describe_model(self, fingerprint: str, resolution: int) -> "CacheEngine":
+        """Tell the engine which model it is on, so artifacts can be checked against the run."""
+        self.model_info = {"fingerprint": fingerprint, "resolution": int(resolution)}
+        return self
 
     # -- installation -------------------------------------------------------------------------
     def install(self) -> "CacheEngine":
@@ -92,7 +98,7 @@ class CacheEngine:
         """Reset all per-sample state; nothing leaks from one sampling call to the next."""
         if not self._patched:
             raise RuntimeError("install() the engine before sampling with it")
-        info = dataclasses.replace(info, depth=self.dims.depth, num_tokens=self.dims.num_tokens)
+        info = dataclasses.replace(info, depth=self.dims.depth, num_tokens=self.dims.num_tokens, **self.model_info)
         self.run = info
         self.store.clear()
         self.counters = Counters(self.dims)

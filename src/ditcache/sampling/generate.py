@@ -91,6 +91,8 @@ def generate(loaded, config: SampleConfig, engine=None, indices: Optional[Sequen
              progress: bool = False, device: str = "cpu") -> SampleResult:
     """Sample ``config.num_samples`` images (or the given global ``indices``) with an optional engine."""
     config.validate(loaded.num_classes)
+    if engine is not None:
+        engine.describe_model(loaded.fingerprint, loaded.image_size)
     indices = list(range(config.num_samples)) if indices is None else list(indices)
     shape = (loaded.in_channels, loaded.latent_size, loaded.latent_size)
     images, labels, totals = [], [], _Totals()
