@@ -1,0 +1,92 @@
+"""Latency benchmark: measured wall-clock speed-up of cache policies against the MACs bound.
+
+Every policy runs the same sampling job in one process, after one untimed warm-up; each is timed
+``repeats`` times and the median kept. The table puts the measured speed-up beside the bound the
+engine's MACs counters allow (1 / macs_ratio) and their ratio, the share of the bound realised.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+import torch
+
+from ..engine import CacheEngine
+from ..models.dit import build_dit
+from ..models.loading import LoadedModel
+from ..sampling.generate import SampleConfig, generate
+from .compare import parse_cache
+
+DEFAULT_SPECS = ("none", "rule:preset=rm-25", "rule:preset=rm-50", "fora:interval=2", "fora:interval=3")
+
+
+def random_dit(name: str = "DiT-XL/2", seed: int = 0) -> LoadedModel:
+    """An official-size DiT with random weights (no VAE: latents are returned as they are).
+
+    Speed does not depend on the weights' values, so this times DiT-XL/2 exactly where its
+    checkpoint cannot be downloaded. I randomise the zero-initialised adaLN and output layers too,
+    so the gates are not all zero and every sub-layer's output is a realistic tensor.
+    """
+    torch.manual_seed(seed)
+    module = build_dit(name).eval()
+    with torch.no_grad():
+        for n, p in module.named_parameters():
+            if "adaLN" in n or "final_layer.linear" in n:
+                p.normal_(0, 0.02)
+    size = module.input_size
+    return LoadedModel(module=module, family="dit", name=f"{name}-random", image_size=size, latent_size=size,
+                       in_channels=module.in_channels, num_classes=module.num_classes, null_class=module.null_class,
+                       learn_sigma=module.learn_sigma, guided_channels=3, vae=None, fingerprint=f"random-{seed}")
+
+
+@dataclass
+class SpeedRow:
+    spec: str
+    seconds: float  # median over repeats
+    seconds_all: list
+    compute_fraction: float
+    macs_ratio: float
+    speedup: float = 1.0
+
+    @property
+    def bound(self) -> float:
+        return 1.0 / self.macs_ratio
+
+    def as_dict(self) -> dict:
+        return {"spec": self.spec, "seconds": self.seconds, "seconds_all": self.seconds_all,
+                "compute_fraction": self.compute_fraction, "macs_ratio": self.macs_ratio,
+                "speedup": self.speedup, "macs_bound": self.bound, "share_of_bound": self.speedup / self.bound}
+
+
+def time_policies(loaded, config: SampleConfig, specs=DEFAULT_SPECS, repeats: int = 3, device: str = "cpu",
+                  progress: bool = True) -> list[SpeedRow]:
+    """Median wall-clock of ``generate`` per spec; the first spec is the reference for speed-ups."""
+    def run(spec):
+        policy, correctors = parse_cache(spec)
+        with CacheEngine(loaded.module, policy, correctors) as engine:
+            return generate(loaded, config, engine=engine, device=device)
+
+    run(specs[0])  # warm-up: allocator, thread pool, caches
+    rows = []
+    for spec in specs:
+        times, result = [], None
+        for _ in range(repeats):
+            result = run(spec)
+            times.append(result.seconds)
+        rows.append(SpeedRow(spec, statistics.median(times), times, result.report["compute_fraction"],
+                             result.report["macs_ratio"]))
+        if progress:
+            print(f"  {spec}: {rows[-1].seconds:.3f} s", flush=True)
+    for row in rows:
+        row.speedup = rows[0].seconds / row.seconds
+    return rows
+
+
+def speed_table(rows: list[SpeedRow]) -> str:
+    head = f"{'policy':<22}{'seconds':>9}{'compute':>9}{'MACs':>7}{'speed-up':>10}{'MACs bound':>12}{'share':>7}"
+    lines = [head]
+    for r in rows:
+        lines.append(f"{r.spec:<22}{r.seconds:>9.3f}{r.compute_fraction:>9.3f}{r.macs_ratio:>7.3f}"
+                     f"{r.speedup:>9.2f}x{r.bound:>11.2f}x{r.speedup / r.bound:>7.0%}")
+    return "\n".join(lines)

@@ -1,0 +1,57 @@
+"""`ditcache bench`: measured speed-up of cache policies against their MACs bound."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from ..bench.speed import DEFAULT_SPECS, random_dit, speed_table, time_policies
+from ..models.loading import load_model
+from ..sampling.generate import SampleConfig
+from .common import print_json
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="latency of cache policies: measured speed-up next to the MACs bound",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Times sampling with each --cache configuration in one process (one warm-up, median of "
+                    "--repeats) on (a) a DiT-XL/2-shaped model with random weights at batch 2 (one conditional "
+                    "+ one unconditional sample, cfg 1.5) and (b) --model (default: the embedded model).")
+    p.add_argument("--cache", action="append", default=None, metavar="CACHE",
+                   help=f"configuration to time (repeatable; default: {', '.join(DEFAULT_SPECS)})")
+    p.add_argument("--model", default="mnist", help="the small model (default: mnist)")
+    p.add_argument("--xl", default="DiT-XL/2", help="size preset of the random-weight model; 'skip' to skip it")
+    p.add_argument("--xl-steps", type=int, default=8, help="DDIM steps for the large model (default: 8)")
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps for the small model (default: 20)")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per batch for the small model")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    specs = tuple(args.cache or DEFAULT_SPECS)
+    if specs[0] != "none":
+        specs = ("none",) + specs
+    out = {"threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "device": args.device}
+    jobs = []
+    if args.xl != "skip":
+        jobs.append(("large", random_dit(args.xl), SampleConfig(num_samples=1, batch_size=1, steps=args.xl_steps, cfg_scale=1.5)))
+    jobs.append(("small", load_model(args.model, device=args.device),
+                 SampleConfig(num_samples=args.batch_size, batch_size=args.batch_size, steps=args.steps, cfg_scale=1.5)))
+    for label, loaded, config in jobs:
+        loaded.module.to(args.device)
+        if not args.json:
+            print(f"{label}: {loaded.name}, {config.sampler}-{config.steps}, batch {2 * config.batch_size} with CFG")
+        rows = time_policies(loaded, config, specs, args.repeats, args.device, progress=not args.json)
+        out[label] = {"model": loaded.name, "steps": config.steps, "batch": 2 * config.batch_size,
+                      "rows": [r.as_dict() for r in rows]}
+        if not args.json:
+            print(speed_table(rows) + "\n")
+    if args.json:
+        print_json(out)
+    return 0

@@ -1,0 +1,75 @@
+"""Arguments and helpers shared by the subcommands that sample (sample, compare, bench, calibrate)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..correctors.base import CORRECTORS
+from ..policies.base import POLICIES
+from ..registry import describe_registry, parse_spec
+from ..sampling.generate import SampleConfig
+from ..sampling.loops import SAMPLERS
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="mnist",
+                   help="'mnist' (the embedded default), an official DiT .pt checkpoint, our .safetensors, "
+                        "or a diffusers DiT directory / hub id (default: mnist)")
+    g.add_argument("--vae", default="ema", help="VAE for latent models: ema, mse or a local path (default: ema)")
+    g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, num_samples: int = 16) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="ddim (eta 0) or ddpm (ancestral, learned sigma)")
+    g.add_argument("--steps", type=int, default=20, help="sampling steps, respaced as the official DiT code (default: 20)")
+    g.add_argument("--cfg-scale", type=float, default=1.5,
+                   help="classifier-free guidance scale; 1 disables it (default: 1.5, the papers' FID setting)")
+    g.add_argument("--labels", default=None,
+                   help="comma-separated class labels, repeated to fill num-samples (default: uniform random)")
+    g.add_argument("--seed", type=int, default=0, help="global seed; sample i's noise depends only on (seed, i)")
+    g.add_argument("--num-samples", type=int, default=num_samples, help=f"images to sample (default: {num_samples})")
+    g.add_argument("--batch-size", type=int, default=64, help="images per forward batch (default: 64)")
+
+
+def add_cache_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "cache", "POLICY and CORRECTOR are 'name' or 'name:key=value,key=value'.\n"
+        "policies:\n" + describe_registry(POLICIES) + "\ncorrectors:\n" + (describe_registry(CORRECTORS) or "  (none yet)"))
+    g.add_argument("--policy", default="none", help="cache policy (default: none)")
+    g.add_argument("--corrector", action="append", default=[], help="corrector applied to reused features; repeatable")
+
+
+def sample_config(args) -> SampleConfig:
+    labels = None
+    if args.labels:
+        try:
+            labels = tuple(int(v) for v in args.labels.split(",") if v.strip())
+        except ValueError:
+            raise ValueError(f"--labels must be comma-separated integers, got {args.labels!r}") from None
+    return SampleConfig(num_samples=args.num_samples, batch_size=args.batch_size, sampler=args.sampler,
+                        steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed, labels=labels)
+
+
+def build_cache(policy_spec: str, corrector_specs=()):
+    """(policy, [correctors]) from command-line specs."""
+    policy = parse_spec(POLICIES, policy_spec)
+    correctors = [parse_spec(CORRECTORS, spec) for spec in corrector_specs]
+    return policy, correctors
+
+
+def cache_tag(policy, correctors) -> str:
+    """'fora-interval3+eoc-gamma0.01': a short run name from the policy and correctors."""
+    parts = []
+    for d in [policy.describe()] + [c.describe() for c in correctors]:
+        opts = "-".join(f"{k}{v}" for k, v in d.items() if k != "name" and v is not None and not isinstance(v, (list, dict)))
+        parts.append(d["name"] + (f"-{opts}" if opts else ""))
+    return "+".join(parts).replace("/", "_")
+
+
+def print_json(obj) -> None:
+    json.dump(obj, sys.stdout, indent=1, default=str)
+    sys.stdout.write("\n")

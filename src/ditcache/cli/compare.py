@@ -1,0 +1,49 @@
+"""`ditcache compare`: several cache configurations from the same noise, quality and speed side by side."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..bench.compare import CompareOptions, compare, plot, table
+from ..models.loading import load_model
+from .common import add_cache_args, add_model_args, add_sampling_args, print_json, sample_config
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "compare", help="run cache configurations from identical noise and compare quality and speed",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Sample the uncached baseline and every --cache configuration from identical noise and "
+                    "labels in one process. Reports compute fraction, MACs ratio, measured speed-up, fidelity "
+                    "to the uncached images (PSNR, SSIM, max abs error), class accuracy (MNIST models) and, "
+                    "with --fid, FID/sFID/precision/recall. A CACHE is 'policy[:k=v,...][+corrector[:k=v,...]]', "
+                    "e.g. 'rule:preset=rm-50+eoc:prior=runs/prior,gamma=0.01'. Results resume from --out.")
+    add_model_args(p)
+    add_sampling_args(p, num_samples=100)
+    add_cache_args(p)  # for its --help listing of policies and correctors
+    p.add_argument("--cache", action="append", default=[], metavar="CACHE", help="a configuration; repeatable")
+    p.add_argument("--fid", action="store_true", help="also compute Inception FID, sFID, precision, recall (slow on CPU)")
+    p.add_argument("--reference", default="mnist", help="FID reference: mnist, an ADM .npz or a PNG folder")
+    p.add_argument("--reference-limit", type=int, default=None, help="use only the first N reference images")
+    p.add_argument("--out", default="runs/compare", help="folder for samples and results (resumes)")
+    p.add_argument("--plot", default=None, help="write a quality-versus-speed-up plot (PNG)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    if args.policy != "none" or args.corrector:
+        raise ValueError("compare takes its configurations from --cache, not --policy/--corrector")
+    if not args.cache:
+        raise ValueError("give at least one --cache configuration to compare with the uncached baseline")
+    loaded = load_model(args.model, vae=args.vae, device=args.device)
+    options = CompareOptions(fid=args.fid, reference=args.reference, reference_limit=args.reference_limit,
+                             device=args.device, progress=not args.json)
+    rows = compare(loaded, sample_config(args), args.cache, args.out, options)
+    if args.plot:
+        plot(rows, args.plot)
+    if args.json:
+        print_json([{k: v for k, v in r.items() if k not in ("labels", "settings")} for r in rows])
+    else:
+        print(table(rows))
+    return 0

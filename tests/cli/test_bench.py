@@ -1,0 +1,29 @@
+"""`ditcache bench` runs end to end and reports MACs ratios that match the schedules (no timing asserts)."""
+
+import json
+
+import pytest
+
+from ditcache.cli.main import main
+from ditcache.models.loading import save_model
+
+from ..conftest import tiny_dit
+
+
+def test_bench_reports_both_models_with_exact_compute_fractions(tmp_path, capsys):
+    model = str(save_model(tiny_dit(depth=2, size=8, channels=1, classes=4), tmp_path / "tiny.safetensors"))
+    code = main(["bench", "--model", model, "--xl", "DiT-S/8", "--xl-steps", "8", "--steps", "8",
+                 "--batch-size", "2", "--repeats", "1", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    for label in ("large", "small"):
+        rows = {r["spec"]: r for r in out[label]["rows"]}
+        assert list(rows) == ["none", "rule:preset=rm-25", "rule:preset=rm-50", "fora:interval=2", "fora:interval=3"]
+        assert rows["none"]["speedup"] == 1.0
+        # at 8 steps: rm-25 reuses steps {1, 3}; rm-50 {1, 3, 5, 7}; FORA N=2 reuses r in {5, 3, 1}
+        assert rows["rule:preset=rm-25"]["compute_fraction"] == pytest.approx(6 / 8)
+        assert rows["rule:preset=rm-50"]["compute_fraction"] == pytest.approx(4 / 8)
+        assert rows["fora:interval=2"]["compute_fraction"] == pytest.approx(5 / 8)
+        for r in rows.values():
+            assert r["macs_bound"] == pytest.approx(1 / r["macs_ratio"])
+    assert out["large"]["batch"] == 2  # one conditional + one unconditional sample
