@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
+
+import numpy as np
 
 from ..engine import CacheEngine
 from ..images import grid, save_npz, save_png
 from ..models.loading import load_model
 from ..policies.schedule import write_json_atomic
-from ..sampling.generate import generate
+from ..sampling.sharded import assemble, barrier, claim_folder, init_distributed, run_shard, sum_reports
 from .common import add_cache_args, add_model_args, add_sampling_args, build_cache, cache_tag, print_json, sample_config
 
 
@@ -17,7 +21,10 @@ def add_parser(sub) -> None:
         "sample", help="sample images, optionally with a feature cache",
         description="Sample class-conditional images and report how much computation the cache skipped. "
                     "Writes grid.png, samples.npz (ADM format: uint8 NHWC under arr_0, plus labels) and "
-                    "report.json into --out.",
+                    "report.json into --out. Batches are written as they finish, so rerunning the same "
+                    "command resumes an interrupted run. For many samples on several GPUs or processes, "
+                    "launch it with `torchrun --nproc_per_node=K -m ditcache.cli.main sample ...`: ranks "
+                    "split the batches and rank 0 assembles samples.npz.",
         formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     add_model_args(p)
     add_sampling_args(p)
@@ -31,27 +38,49 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     config = sample_config(args)
     policy, correctors = build_cache(args.policy, args.corrector)
+    rank, world = init_distributed(args.device)
     loaded = load_model(args.model, vae=args.vae, device=args.device)
+    config.validate(loaded.num_classes)
     tag = cache_tag(policy, correctors)
     out = Path(args.out or f"runs/{loaded.name}-{config.tag()}-{tag}")
-    with CacheEngine(loaded.module, policy, correctors) as engine:
-        result = generate(loaded, config, engine=engine, progress=not (args.no_progress or args.json), device=args.device)
+    settings = {"model": loaded.name, "fingerprint": loaded.fingerprint, **dataclasses.asdict(config),
+                "policy": policy.describe(), "correctors": [c.describe() for c in correctors]}
+    claim_folder(out, settings, rank)
+    barrier()
+    done = {"batches": 0, "resumed_batches": 0, "seconds": 0.0, "reports": []}
+    if not (out / "samples.npz").is_file() or not (out / "run.json").is_file():
+        with CacheEngine(loaded.module, policy, correctors) as engine:
+            done = run_shard(loaded, config, engine, out, rank, world,
+                             progress=not (args.no_progress or args.json), device=args.device)
+    barrier()
+    if rank != 0:
+        return 0
+    if (out / "shards").is_dir() or not (out / "samples.npz").is_file():
+        images, labels = assemble(out, config)
+    else:
+        with np.load(out / "samples.npz") as data:
+            images, labels = data["arr_0"], data["labels"]
     paths = {"grid": str(out / "grid.png"), "npz": str(out / "samples.npz"), "report": str(out / "report.json")}
-    save_png(grid(result.images[:64]), paths["grid"], scale=4 if result.images.shape[1] <= 64 else 1)
-    save_npz(paths["npz"], result.images, result.labels)
+    save_png(grid(images[:64]), paths["grid"], scale=4 if images.shape[1] <= 64 else 1)
+    counters = sum_reports(done["reports"]) or {}
     report = {
         "model": loaded.name, "fingerprint": loaded.fingerprint, "sampler": config.sampler, "steps": config.steps,
         "cfg_scale": config.cfg_scale, "seed": config.seed, "num_samples": config.num_samples,
-        "batch_size": config.batch_size, "policy": policy.describe(), "correctors": [c.describe() for c in correctors],
-        "seconds": result.seconds, "compute_fraction": result.report["compute_fraction"],
-        "macs_ratio": result.report["macs_ratio"], "cache_peak_bytes": result.report.get("cache_peak_bytes", 0),
-        "outputs": paths,
+        "batch_size": config.batch_size, "world_size": world, "policy": policy.describe(),
+        "correctors": [c.describe() for c in correctors],
+        "seconds": done["seconds"], "batches_sampled": done["batches"], "batches_resumed": done["resumed_batches"],
+        "compute_fraction": counters.get("compute_fraction"), "macs_ratio": counters.get("macs_ratio"),
+        "cache_peak_bytes": counters.get("cache_peak_bytes", 0), "outputs": paths,
     }
-    write_json_atomic(paths["report"], report)
+    if done["batches"] == 0 and (out / "report.json").is_file():
+        report = json.loads((out / "report.json").read_text())  # nothing new: keep the run's own figures
+    else:
+        write_json_atomic(paths["report"], report)
     if args.json:
         print_json(report)
     else:
-        print(f"{config.num_samples} samples from {loaded.name} with {tag} in {result.seconds:.2f} s; "
-              f"computed {report['compute_fraction']:.1%} of attention/MLP calls, "
-              f"MACs ratio {report['macs_ratio']:.3f}; wrote {out}/")
+        print(f"{config.num_samples} samples from {loaded.name} with {tag}: {done['batches']} batches in "
+              f"{done['seconds']:.2f} s on rank 0 ({done['resumed_batches']} resumed); computed "
+              f"{report['compute_fraction']:.1%} of attention/MLP calls, MACs ratio {report['macs_ratio']:.3f}; "
+              f"wrote {out}/")
     return 0
