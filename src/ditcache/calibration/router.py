@@ -1,0 +1,170 @@
+"""The Learning-to-Cache router and the soft (blended) forward it is trained through.
+
+Ma, Fang, Mi & Wang, "Learning-to-Cache", https://arxiv.org/abs/2406.01733 (methods.md §3.2-3.3).
+
+The router is input-invariant and step-variant: one free logit per sampling step and sub-layer
+(index 2l: attention of block l, 2l+1: its MLP), β = sigmoid(logit). During training, at a cache
+step every sub-layer's output is the blend
+
+    used = β · fresh + (1 − β) · cached        (cached: its pre-gate output at the step before)
+
+so the loss is differentiable in β. ``SubLayerBlend`` does that by intercepting the attention and
+MLP instances of a model, the way the cache engine does, without touching model code; it can also
+record the outputs of a forward as the cache.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..adapters import Adapter, adapter_for
+from ..policies.l2c import DEFAULT_THRESHOLD, router_schedule
+from ..policies.schedule import Schedule
+from ..types import Branch, Site
+
+LOGIT_BOUND = 5.0  # the authors clamp the logits to [-5, 5] after every optimiser step
+
+
+def sublayer_index(site: Site) -> int:
+    """The router index of a site: 2l for attention, 2l+1 for the MLP of block l."""
+    return 2 * site.block + (0 if site.branch is Branch.ATTN else 1)
+
+
+class Router(nn.Module):
+    """One logit vector (2·depth,) per sampling step, initialised from a standard normal (as the authors).
+
+    I keep one Parameter per step so that an optimiser skips steps that got no gradient (AdamW
+    ignores parameters whose grad is None): only the cache steps are ever trained.
+    """
+
+    def __init__(self, num_steps: int, depth: int, generator: Optional[torch.Generator] = None):
+        super().__init__()
+        if num_steps < 1 or depth < 1:
+            raise ValueError(f"a router needs steps >= 1 and depth >= 1, got {num_steps} and {depth}")
+        self.num_steps, self.depth = num_steps, depth
+        self.logits = nn.ParameterList(
+            [nn.Parameter(torch.randn(2 * depth, generator=generator)) for _ in range(num_steps)])
+
+    @staticmethod
+    def from_logits(logits: torch.Tensor) -> "Router":
+        """A router holding the given logits (steps, 2·depth)."""
+        if logits.dim() != 2 or logits.shape[1] % 2:
+            raise ValueError(f"router logits must be (steps, 2 * depth), got {tuple(logits.shape)}")
+        router = Router(logits.shape[0], logits.shape[1] // 2)
+        router.load_logits(logits)
+        return router
+
+    def load_logits(self, logits: torch.Tensor) -> None:
+        with torch.no_grad():
+            for p, row in zip(self.logits, logits):
+                p.copy_(row)
+
+    def beta(self, step: int) -> torch.Tensor:
+        """β of one step, (2·depth,), differentiable in that step's logits."""
+        return torch.sigmoid(self.logits[step])
+
+    def stacked(self) -> torch.Tensor:
+        """All logits as one detached tensor (steps, 2·depth)."""
+        return torch.stack([p.detach() for p in self.logits])
+
+    def clamp_(self) -> None:
+        with torch.no_grad():
+            for p in self.logits:
+                p.clamp_(-LOGIT_BOUND, LOGIT_BOUND)
+
+    def schedule(self, threshold: float = DEFAULT_THRESHOLD, name: str = "l2c") -> Schedule:
+        """The static schedule this router gives at threshold θ."""
+        return router_schedule(self.stacked(), threshold, name)
+
+
+class SubLayerBlend:
+    """Intercepts a model's attention / MLP sub-modules for router training.
+
+    Off by default (the model runs bare). Inside ``recording()`` every sub-layer's output is stored
+    as the cache; inside ``blending(beta)`` it is replaced by β·fresh + (1 − β)·cached, with beta of
+    shape (2·depth,). Use as a context manager, or ``install()`` / ``remove()``.
+    """
+
+    def __init__(self, model: nn.Module, adapter: Optional[Adapter] = None):
+        self.model = model
+        self.adapter = adapter or adapter_for(model)
+        self.sites = self.adapter.site_modules(model)
+        self.depth = len(self.adapter.blocks(model))
+        self.cache: dict[Site, torch.Tensor] = {}
+        self._mode: Optional[str] = None
+        self._beta: Optional[torch.Tensor] = None
+        self._patched: list[tuple[nn.Module, object]] = []
+
+    def install(self) -> "SubLayerBlend":
+        for owner in ("_ditcache_engine", "_ditcache_blend"):
+            if getattr(self.model, owner, None) is not None:
+                raise RuntimeError(f"the model already has an interception installed ({owner}); remove it first")
+        for site, module in self.sites.items():
+            self._patched.append((module, module.__dict__.get("forward")))
+            module.forward = self._forward(site, module.forward)
+        self.model._ditcache_blend = self
+        return self
+
+    def remove(self) -> None:
+        """Restore every patched module; the model is then the bare model again."""
+        for module, previous in reversed(self._patched):
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
+        self._patched.clear()
+        self.cache.clear()
+        if getattr(self.model, "_ditcache_blend", None) is self:
+            del self.model._ditcache_blend
+
+    def __enter__(self) -> "SubLayerBlend":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    @contextmanager
+    def recording(self):
+        """Forwards inside store every sub-layer's output (detached) as the cache."""
+        self.cache.clear()
+        self._mode = "record"
+        try:
+            yield self
+        finally:
+            self._mode = None
+
+    @contextmanager
+    def blending(self, beta: torch.Tensor):
+        """Forwards inside use β·fresh + (1 − β)·cached at every sub-layer; beta is (2·depth,)."""
+        if tuple(beta.shape) != (2 * self.depth,):
+            raise ValueError(f"beta must have shape ({2 * self.depth},) for {self.depth} blocks, "
+                             f"got {tuple(beta.shape)}")
+        if len(self.cache) != len(self.sites):
+            raise ValueError("blending needs a cache: run a forward inside recording() first")
+        self._mode, self._beta = "blend", beta
+        try:
+            yield self
+        finally:
+            self._mode, self._beta = None, None
+
+    def _forward(self, site: Site, original):
+        index = sublayer_index(site)
+
+        def forward(*args, **kwargs):
+            fresh = original(*args, **kwargs)  # (B, N, C)
+            if self._mode == "record":
+                self.cache[site] = fresh.detach()
+            elif self._mode == "blend":
+                cached = self.cache[site]  # (B, N, C)
+                if cached.shape != fresh.shape:
+                    raise ValueError(f"cached {site} has shape {tuple(cached.shape)}, this call "
+                                     f"{tuple(fresh.shape)}")
+                b = self._beta[index].to(fresh.dtype)  # ()
+                return b * fresh + (1 - b) * cached  # (B, N, C)
+            return fresh
+
+        return forward

@@ -1,0 +1,100 @@
+"""`ditcache train-router`: train a Learning-to-Cache router (https://arxiv.org/abs/2406.01733).
+
+Runs in one process, or data-parallel under torchrun:
+``torchrun --nproc_per_node=8 -m ditcache.cli.main train-router --model ... --device cuda``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from pathlib import Path
+
+from ..calibration.train_router import DATA_MODES, PAPER_L1, RouterConfig, RouterTrainer
+from ..models.loading import load_model
+from .common import print_json
+
+
+def add_parser(sub) -> None:
+    d = RouterConfig()
+    p = sub.add_parser(
+        "train-router", help="train a Learning-to-Cache router for a model and DDIM step count",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Learn which attention/MLP sub-layers each odd DDIM step may reuse from the step before "
+                    "(L2C). Writes OUT/checkpoint.pt (resumed automatically), OUT/train_log.csv and the "
+                    "router artifact OUT/router, used with --policy l2c:router=OUT/router.\n"
+                    "Data-parallel: torchrun --nproc_per_node=N -m ditcache.cli.main train-router ...")
+    p.add_argument("--model", default="mnist", help="model to train the router for (default: mnist)")
+    p.add_argument("--device", default="cpu", help="torch device; under torchrun 'cuda' means cuda:LOCAL_RANK")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"DDIM steps (default: {d.steps})")
+    p.add_argument("--cfg-scale", type=float, default=d.cfg_scale,
+                   help=f"guidance scale the router is meant for; recorded in its key, training has no "
+                        f"guidance (default: {d.cfg_scale})")
+    p.add_argument("--data", choices=DATA_MODES, default=d.data,
+                   help="images: real images noised to the step (the paper; MNIST for pixel models); "
+                        f"trajectories: the model's own DDIM trajectories, no data needed (default: {d.data})")
+    p.add_argument("--data-dir", default=None, help="MNIST folder (default: $DITCACHE_MNIST or the shared folder)")
+    p.add_argument("--trajectories", type=int, default=d.trajectories,
+                   help=f"trajectories in the image-free pool, per process (default: {d.trajectories})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"global batch, split over processes (default: {d.batch_size})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default: {d.lr})")
+    p.add_argument("--l1", type=float, default=None,
+                   help=f"λ of the sparsity term; default: the paper's value for the step count {PAPER_L1}, else 5e-6")
+    p.add_argument("--iterations", type=int, default=d.iterations, help=f"(default: {d.iterations})")
+    p.add_argument("--threshold", type=float, default=d.threshold,
+                   help=f"θ for the reported skip fraction (default: {d.threshold})")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help=f"iterations between checkpoints (default: {d.checkpoint_every})")
+    p.add_argument("--out", default=None, help="run folder (default: runs/l2c-<model>-ddim<steps>-<data>)")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (and checkpoint) after this long")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def _distributed(device: str) -> tuple[str, bool]:
+    """Join the torchrun process group if there is one; the device this process uses."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device, False
+    import torch
+    import torch.distributed as dist
+
+    cuda = device.startswith("cuda")
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return device, True
+
+
+def run(args) -> int:
+    config = RouterConfig(steps=args.steps, cfg_scale=args.cfg_scale, data=args.data, data_dir=args.data_dir,
+                          trajectories=args.trajectories, batch_size=args.batch_size, lr=args.lr, l1=args.l1,
+                          iterations=args.iterations, threshold=args.threshold, seed=args.seed,
+                          checkpoint_every=args.checkpoint_every)
+    device, distributed = _distributed(args.device)
+    try:
+        loaded = load_model(args.model, vae=None, device=device)
+        out = Path(args.out or f"runs/l2c-{loaded.name}-ddim{config.steps}-{config.data}")
+        trainer = RouterTrainer(loaded, config, out, progress=not (args.no_progress or args.json))
+        artifact = trainer.train(max_minutes=args.max_minutes, progress=not (args.no_progress or args.json))
+        if trainer.rank != 0:
+            return 0
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    skip = trainer.skip_fraction()
+    summary = {"router": str(out / "router"), "iterations": trainer.iteration, "seconds": round(trainer.seconds, 1),
+               "skip_fraction": skip, "threshold": config.threshold, "key": dataclasses.asdict(artifact.key), "meta": artifact.meta}
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"router after {trainer.iteration} iterations ({trainer.seconds:.0f} s) skips {skip:.1%} of "
+              f"sub-layer calls at θ = {config.threshold:g}; wrote {out / 'router'}\n"
+              f"use it with --policy l2c:router={out / 'router'} --steps {config.steps} --cfg-scale {config.cfg_scale:g}")
+    return 0

@@ -1,0 +1,156 @@
+"""Router training on tiny models: the loss falls, λ pushes β down, resuming changes nothing."""
+
+import pytest
+import torch
+
+from ditcache.calibration.artifact import load_artifact
+from ditcache.calibration.router import Router, SubLayerBlend
+from ditcache.calibration.train_router import (ImageStates, RouterConfig, RouterTrainer, TrajectoryStates,
+                                               default_l1, mnist_states, router_loss)
+from ditcache.models.loading import LoadedModel, fingerprint
+from ditcache.sampling.loops import respaced_diffusion
+
+from ..conftest import tiny_dit
+
+STEPS = 6
+
+
+def loaded_tiny(**kw) -> LoadedModel:
+    m = tiny_dit(**kw)
+    return LoadedModel(module=m, family="dit", name="tiny", image_size=m.input_size, latent_size=m.input_size,
+                       in_channels=m.in_channels, num_classes=m.num_classes, null_class=m.num_classes,
+                       learn_sigma=m.learn_sigma, guided_channels=None, vae=None, fingerprint=fingerprint(m))
+
+
+def random_images(n=16, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return ImageStates(torch.rand(n, 4, 8, 8, generator=g) * 2 - 1, torch.randint(0, 5, (n,), generator=g))
+
+
+def config(**kw):
+    base = dict(steps=STEPS, batch_size=4, lr=0.2, l1=0.0, iterations=12, checkpoint_every=100, data="images")
+    return RouterConfig(**{**base, **kw})
+
+
+def fixed_mse(trainer, seed=9):
+    """The objective's MSE on a fixed batch, summed over the cache steps."""
+    g = torch.Generator().manual_seed(seed)
+    total = 0.0
+    with trainer.blend:
+        for step in trainer.cache_steps:
+            x_prev, y = trainer.states.draw(step, 4, g, trainer.diffusion)
+            out = router_loss(trainer.loaded.forward, trainer.blend, trainer.router, trainer.diffusion,
+                              x_prev, y, step, True, 0.0)
+            total += float(out["mse"].detach())
+    return total
+
+
+def test_training_reduces_the_loss(tmp_path):
+    trainer = RouterTrainer(loaded_tiny(), config(), tmp_path, states=random_images())
+    before = fixed_mse(trainer)
+    trainer.train(progress=False)
+    after = fixed_mse(trainer)
+    assert after < 0.5 * before
+    assert all(p.grad is None for p in trainer.loaded.module.parameters())
+
+
+def test_l1_pushes_beta_down_only_at_cache_steps(tmp_path):
+    trainer = RouterTrainer(loaded_tiny(), config(l1=10.0, iterations=10), tmp_path, states=random_images())
+    start = trainer.router.stacked().clone()
+    trainer.train(progress=False)
+    end = trainer.router.stacked()
+    trained = sorted({1, 3, 5} & {i for i in range(STEPS) if not torch.equal(start[i], end[i])})
+    assert trained  # some cache step was drawn
+    for i in trained:
+        assert torch.sigmoid(end[i]).mean() < torch.sigmoid(start[i]).mean()
+    for i in (0, 2, 4):  # never a cache step: never touched
+        assert torch.equal(start[i], end[i])
+    assert end.abs().max() <= 5.0
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    model = loaded_tiny()
+    whole = RouterTrainer(model, config(iterations=6, checkpoint_every=3), tmp_path / "a", states=random_images())
+    whole.train(progress=False)
+    first = RouterTrainer(model, config(iterations=3, checkpoint_every=3), tmp_path / "b", states=random_images())
+    first.train(progress=False)
+    resumed = RouterTrainer(model, config(iterations=6, checkpoint_every=3), tmp_path / "b", states=random_images())
+    assert resumed.iteration == 3
+    resumed.train(progress=False)
+    assert torch.equal(whole.router.stacked(), resumed.router.stacked())
+    assert torch.equal(whole.gen.get_state(), resumed.gen.get_state())
+    for a, b in zip(whole.opt.state_dict()["state"].values(), resumed.opt.state_dict()["state"].values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["step"], b["step"])
+    artifact = load_artifact(tmp_path / "b" / "router", "l2c-router")
+    assert torch.equal(artifact.tensors["logits"], resumed.router.stacked())
+    assert artifact.meta["iterations"] == 6 and artifact.meta["data"] == "images"
+    assert (artifact.key.sampler, artifact.key.steps, artifact.key.cfg_scale) == ("ddim", STEPS, 1.5)
+    assert artifact.key.model_fingerprint == model.fingerprint and artifact.key.resolution == 8
+    lines = (tmp_path / "b" / "train_log.csv").read_text().splitlines()
+    assert lines[0].startswith("iteration,") and [l.split(",")[0] for l in lines[1:]] == ["3", "6"]
+    with pytest.raises(ValueError, match="another config"):
+        RouterTrainer(model, config(iterations=6, lr=0.1), tmp_path / "b", states=random_images())
+
+
+def test_loss_is_the_blend_mse_plus_l1_sum():
+    model = loaded_tiny()
+    router = Router(STEPS, 3, torch.Generator().manual_seed(1))
+    diffusion = respaced_diffusion(STEPS)
+    x_prev, y = random_images().draw(3, 4, torch.Generator().manual_seed(0), diffusion)
+    with SubLayerBlend(model.module) as blend:
+        out = router_loss(model.forward, blend, router, diffusion, x_prev, y, 3, True, 0.01)
+    out = {k: float(v.detach()) for k, v in out.items()}
+    assert out["loss"] == pytest.approx(out["mse"] + 0.01 * float(torch.sigmoid(router.logits[3].detach()).sum()))
+    router.load_logits(torch.full((STEPS, 6), 1e4))  # β = 1 exactly: the blend is the full model
+    with SubLayerBlend(model.module) as blend:
+        assert float(router_loss(model.forward, blend, router, diffusion, x_prev, y, 3, True, 0.0)["mse"].detach()) == 0.0
+        with pytest.raises(ValueError, match="not a cache step"):
+            router_loss(model.forward, blend, router, diffusion, x_prev, y, 2, True, 0.0)
+
+
+def test_image_states_are_noised_to_the_previous_step():
+    states, diffusion = random_images(), respaced_diffusion(STEPS)
+    x, y = states.draw(3, 4, torch.Generator().manual_seed(0), diffusion)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 16, (4,), generator=g)
+    noise = torch.randn(4, 4, 8, 8, generator=g)
+    acp = diffusion.alphas_cumprod[STEPS - 3]  # step 2 = respaced index 3
+    expected = acp ** 0.5 * states.images[idx] + (1 - acp) ** 0.5 * noise
+    torch.testing.assert_close(x, expected.float())
+    assert torch.equal(y, states.labels[idx])
+
+
+def test_trajectory_pool_holds_the_models_own_ddim_states():
+    model = loaded_tiny()
+    pool = TrajectoryStates(model, STEPS, count=3, seed=0, batch_size=2)
+    assert pool.states.shape == (3, 3, 4, 8, 8)  # x before the cache steps 1, 3, 5: steps 0, 2, 4
+    again = TrajectoryStates(model, STEPS, count=3, seed=0, batch_size=2)
+    assert torch.equal(pool.states, again.states) and torch.equal(pool.labels, again.labels)
+    rebatched = TrajectoryStates(model, STEPS, count=3, seed=0, batch_size=3)  # same up to float rounding
+    torch.testing.assert_close(pool.states, rebatched.states, rtol=1e-4, atol=1e-4)
+    diffusion = respaced_diffusion(STEPS)
+    x, y = pool.states[:1, 0], pool.labels[:1]  # step 0: pure noise
+    with torch.no_grad():
+        for step in (0, 1):
+            r = torch.tensor([STEPS - 1 - step])
+            x = diffusion.ddim_step(model.forward(x, diffusion.model_timesteps(r), y), x, r, True)
+    torch.testing.assert_close(x, pool.states[:1, 1], rtol=1e-5, atol=1e-4)  # the state at step 2 (batch 1 vs 2)
+    other_rank = TrajectoryStates(model, STEPS, count=3, seed=0, rank=1)
+    assert not torch.equal(other_rank.states, pool.states)
+
+
+def test_config_errors_and_defaults(tmp_path):
+    assert default_l1(20) == 5e-6 and default_l1(50) == 1e-6 and RouterConfig().lam == 5e-6
+    assert RouterConfig(steps=50).lam == 1e-6 and RouterConfig(l1=0.0).lam == 0.0
+    for bad in (dict(steps=1), dict(data="latents"), dict(batch_size=0), dict(lr=0.0)):
+        with pytest.raises(ValueError):
+            RouterTrainer(loaded_tiny(), config(**bad), tmp_path, states=random_images())
+    with pytest.raises(ValueError, match="--data trajectories"):
+        mnist_states(loaded_tiny())
+
+
+def test_images_mode_reads_mnist_for_a_28px_model():
+    model = loaded_tiny(size=28, patch=7, channels=1, classes=10)
+    states = mnist_states(model)
+    assert states.images.shape == (10000, 1, 28, 28) and states.images.min() == -1 and states.images.max() == 1
+
