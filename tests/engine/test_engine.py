@@ -241,3 +241,25 @@ def test_state_does_not_leak_between_runs(dit):
         again = trajectory(dit, engine, seed=1)
     for a, b in zip(first, again):
         assert torch.equal(a, b)
+
+
+def test_bind_hands_the_policy_every_site_module_and_observe_can_charge_macs(dit):
+    """A policy that scores tokens gets the site modules, and the MACs it reports count as run."""
+
+    class Charging(Policy):
+        name = "charging"
+
+        def bind(self, modules):
+            self.modules = modules
+
+        def observe(self, step, site, action, inputs, output):
+            return 7 if site.branch is Branch.ATTN else None
+
+    policy = Charging()
+    with CacheEngine(dit, policy) as engine:
+        trajectory(dit, engine, steps=2)
+        r = engine.report()
+        assert policy.modules == engine.adapter.site_modules(dit)
+    assert policy.modules[Site(1, Branch.MLP)] is dit.blocks[1].mlp
+    assert r["extra_macs"] == 2 * dit.depth * 7  # two steps, one charge per attention site
+    assert r["macs_run"] == r["macs_total"] + r["extra_macs"]  # everything computed, plus the extra

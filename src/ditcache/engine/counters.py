@@ -15,7 +15,8 @@ class StepCount:
     sites_total: float = 0.0  # attention+MLP sub-layer calls the uncached model would make
     sites_run: float = 0.0  # of those, computed (a PARTIAL call counts k/N)
     macs_total: int = 0
-    macs_run: int = 0
+    macs_run: int = 0  # includes extra_macs
+    extra_macs: int = 0  # spent by the policy beyond the model's own layers (token scoring)
 
 
 @dataclass
@@ -49,6 +50,12 @@ class Counters:
         if tokens_run:
             c.macs_run += batch * self.dims.site_macs(branch, tokens_run)
 
+    def extra(self, step: int, macs: int) -> None:
+        """Work the policy did for its decisions; it is real compute, so it counts as run."""
+        c = self._at(step)
+        c.extra_macs += int(macs)
+        c.macs_run += int(macs)
+
     def report(self) -> dict:
         """Totals and per-step figures; ratios are of this run's calls, not estimates."""
         steps = [self.steps[i] for i in sorted(self.steps)]
@@ -61,5 +68,6 @@ class Counters:
             "macs_ratio": sum(s.macs_run for s in steps) / macs_total if macs_total else 1.0,
             "macs_run": sum(s.macs_run for s in steps),
             "macs_total": macs_total,
+            "extra_macs": sum(s.extra_macs for s in steps),
             "per_step_compute_fraction": [s.sites_run / s.sites_total if s.sites_total else 1.0 for s in steps],
         }

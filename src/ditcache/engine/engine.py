@@ -103,10 +103,11 @@ class CacheEngine:
         self.store.clear()
         self.counters = Counters(self.dims)
         self.peak_bytes = 0
+        sites = self.adapter.site_modules(self.model)
+        self.policy.bind(sites)
         self.policy.reset(info)
         for corrector in self.correctors:
             corrector.reset(info)
-        sites = self.adapter.site_modules(self.model)
         self._keep = {site: self.policy.may_reuse(site) for site in sites}
         self._observes = type(self.policy).observe is not Policy.observe
 
@@ -168,7 +169,9 @@ class CacheEngine:
                 tokens_run = action.tokens.shape[1]
             self.counters.site(step.index, site.branch, batch, tokens_run)
             if self._observes:
-                self.policy.observe(step, site, action, args, out)
+                spent = self.policy.observe(step, site, action, args, out)
+                if spent:
+                    self.counters.extra(step.index, spent)
             for corrector in self.correctors:
                 corrector.observe(step, site, action.kind, out)
             return out

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch import nn
 
 from ..registry import Registry
 from ..types import COMPUTE, Action, RunInfo, Site, StepInfo
@@ -22,6 +23,12 @@ class Policy:
 
     name = "none"
     uses_trunk = False  # True when trunk_action can return REUSE (DuCa)
+
+    def bind(self, modules: dict[Site, nn.Module]) -> None:
+        """Called by the engine before ``reset``: the sub-module of every per-block site.
+
+        Only policies that score tokens from a sub-module's weights need it (ToCa, DuCa).
+        """
 
     def reset(self, run: RunInfo) -> None:
         """Called by the engine at the start of every sampling call; drop per-run state."""
@@ -37,8 +44,12 @@ class Policy:
         """False when this policy never reuses the site, so the engine need not store it."""
         return False
 
-    def observe(self, step: StepInfo, site: Site, action: Action, inputs: tuple, output: torch.Tensor) -> None:
-        """Sees the sub-module's input and the feature used at a site (token-wise methods)."""
+    def observe(self, step: StepInfo, site: Site, action: Action, inputs: tuple, output: torch.Tensor) -> Optional[int]:
+        """Sees the sub-module's input and the feature used at a site (token-wise methods).
+
+        Returns the MACs the policy itself spent here (e.g. token scoring), which the engine adds
+        to the run's MACs; None or 0 when it spent none.
+        """
 
     def schedule(self):
         """The static Schedule for the current run, or None for dynamic policies."""

@@ -1,0 +1,216 @@
+"""EOC: Error-Optimized Cache: nudge a reused feature along the uncached trajectory's trend.
+
+Qiu, Wang, Lu, Liu, Jiang, Hao 2025, "Accelerating Diffusion Transformer via Error-Optimized Cache",
+https://arxiv.org/abs/2501.19243 (methods.md §4; its equations are reconstructions). A prior
+(``ditcache calibrate eoc``) holds the mean pre-gate output P[t] of every site at every step. When a
+site reuses at step t the feature it computed at step s:
+
+    T      = P[t] - P[s]                                                  trend, eq. (5)
+    E      = (mean|T_attn| + mean|T_mlp|) / 2                             block error magnitude
+    S      = lam * E / E_ref + (1 - lam) * (1 - t / (N_s - 1))            score, eq. (6); optimise iff S > tau
+    used   = cached * (1 + gamma * T)      (mode "mul", eq. 7)   or   cached + gamma * T   (mode "add")
+
+s is tracked per site (``observe`` says when a feature is computed), so FORA or rm-75, whose reuse
+can sit two or three steps after the computation, get the trend over the whole gap. The CFG halves of
+T (conditional, unconditional) go to the matching halves of the batch [cond B; uncond B].
+
+Choices where the paper's symbols are lost (methods.md §4.3):
+
+- E_ref, the normaliser of E, is the largest one-step block error max_{t,l} E(t, l; s = t - 1) of the
+  prior, not the largest over the run's cached blocks: a corrector does not see the policy's schedule
+  (and ToCa / DuCa have none), so the score must not depend on it. Longer gaps can give E/E_ref > 1.
+- lam = 0.2, tau = 0.5: S > 0.5 means 1 - t/(N_s - 1) > 0.625 - 0.25 E/E_ref, so a block with no
+  trend is optimised up to 37.5% of the trajectory and one with the largest one-step trend up to
+  62.5% (t <= 7 and t <= 11 at 20 steps): "the cached blocks of roughly the first half", the
+  practical default of §4.3 that Figure 5 supports, with the error term moving the cut-off by
+  about two steps either way. ``max_step=k`` overrides the score with the paper's own ablation rule
+  "optimise cached sites at steps <= k".
+- Attention and MLP share their block's score; ``branches`` limits which of them are corrected
+  (the paper needs both, Table 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..calibration.artifact import ArtifactKey
+from ..calibration.prior import Prior, load_prior
+from ..types import BRANCHES, Kind, RunInfo, Site, StepInfo
+from .base import Corrector, register_corrector
+
+MODES = ("mul", "add")
+BRANCH_CHOICES = {"both": ("attn", "mlp"), "attn": ("attn",), "mlp": ("mlp",)}
+
+
+@dataclass(frozen=True)
+class EocConfig:
+    prior: str = ""  # a prior artifact from `ditcache calibrate eoc` for this model and sampler setting
+    gamma: float = 0.01  # eq. 7 weight: 0.01 for rule/FORA schedules (the paper used 0.005 with L2C)
+    mode: str = "mul"  # "mul": cached * (1 + gamma T) (eq. 7); "add": cached + gamma T (ablation)
+    branches: str = "both"  # which sub-layers are corrected: both, attn or mlp
+    lam: float = 0.2  # weight of the error magnitude in the score (the rest is the step position)
+    tau: float = 0.5  # optimise a cached block iff its score exceeds this
+    max_step: Optional[int] = None  # if set: optimise every cached site at steps <= max_step, ignore the score
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """One cached (step, block) of a schedule: its score and whether EOC corrects it."""
+
+    step: int
+    block: int
+    score: float
+    optimised: bool
+    branches: tuple[str, ...]  # the branches EOC corrects here (empty when not optimised)
+
+
+def apply_trend(cached: torch.Tensor, trend: torch.Tensor, gamma: float, mode: str) -> torch.Tensor:
+    """Eq. 7 on a batch [cond B; uncond B]: cached (H*B, N, C), trend (H, N, C) -> (H*B, N, C)."""
+    halves, rows = trend.shape[0], cached.shape[0]
+    if rows % halves:
+        raise ValueError(f"a batch of {rows} rows does not split into the prior's {halves} CFG halves")
+    x = cached.reshape(halves, rows // halves, *cached.shape[1:]).float()  # (H, B, N, C)
+    t = trend.to(x.device).unsqueeze(1)  # (H, 1, N, C)
+    out = x * (1 + gamma * t) if mode == "mul" else x + gamma * t  # (H, B, N, C)
+    return out.reshape(cached.shape).to(cached.dtype)  # (H*B, N, C)
+
+
+class EocCorrector(Corrector):
+    name = "eoc"
+
+    def __init__(self, config: EocConfig):
+        if not config.prior:
+            raise ValueError("eoc needs prior=PATH, an artifact made by `ditcache calibrate eoc`")
+        if not (Path(config.prior) / "manifest.json").is_file():
+            raise FileNotFoundError(f"eoc prior {config.prior} is not an artifact; make one with `ditcache calibrate eoc`")
+        if config.mode not in MODES:
+            raise ValueError(f"eoc mode must be one of {MODES}, got {config.mode!r}")
+        if config.branches not in BRANCH_CHOICES:
+            raise ValueError(f"eoc branches must be one of {sorted(BRANCH_CHOICES)}, got {config.branches!r}")
+        if not 0.0 <= config.lam <= 1.0:
+            raise ValueError(f"eoc lam must be in [0, 1], got {config.lam}")
+        self.config = config
+        self.branches = BRANCH_CHOICES[config.branches]
+        self.prior: Optional[Prior] = None
+        self._error_ref = 0.0
+        self._computed: dict[Site, list[int]] = {}  # steps at which each site's stored feature was computed
+        # (branch, block, t, s) -> mean|T| and (t, block, since) -> (score, optimise); both depend on the
+        # prior only, so they outlive a run and later batches skip the device syncs
+        self._errors: dict[tuple, float] = {}
+        self._decisions: dict[tuple, tuple[float, bool]] = {}
+
+    # -- the corrector protocol ---------------------------------------------------------------
+    def reset(self, run: RunInfo) -> None:
+        super().reset(run)
+        if self.prior is None:
+            self.prior = load_prior(self.config.prior, ArtifactKey.from_run(run))
+            self._error_ref = self._one_step_max()
+        self.prior.check_run(run)
+        self._computed = {}
+
+    def observe(self, step: StepInfo, site: Site, kind: Kind, used: torch.Tensor) -> None:
+        if kind is not Kind.REUSE:  # COMPUTE or PARTIAL refresh the stored feature
+            self._computed.setdefault(site, []).append(step.index)
+
+    def correct(self, step: StepInfo, site: Site, cached: torch.Tensor) -> torch.Tensor:
+        if site.is_trunk or site.branch.value not in self.branches:
+            return cached
+        since = {b: self._last_before(Site(site.block, b), step.index) for b in BRANCHES}
+        if not self._decide(step.index, site.block, since)[1]:
+            return cached
+        if self.prior.means["attn"].device != cached.device:
+            self.prior.to(cached.device)
+        trend = self.prior.trend(site.branch.value, site.block, step.index, since[site.branch])  # (H, N, C)
+        return apply_trend(cached, trend, self.config.gamma, self.config.mode)
+
+    def memory_bytes(self) -> int:
+        """The prior means this corrector holds (on the features' device once sampling started)."""
+        return self.prior.nbytes if self.prior is not None else 0
+
+    # -- cache optimization determination (eq. 6) ---------------------------------------------
+    def plan(self, schedule) -> list[PlanEntry]:
+        """Every cached (step, block) of a static schedule with its score and whether EOC corrects it."""
+        if self.prior is None:
+            raise RuntimeError("reset(run) the corrector (it loads the prior) before asking for a plan")
+        schedule.check_fits(self.run.num_steps, self.run.depth)
+        entries = []
+        for t in range(schedule.num_steps):
+            for block in range(schedule.depth):
+                cached = schedule.cached[t, block]  # (2,) attn, mlp
+                if not cached.any():
+                    continue
+                since = {b: max((s for s in range(t) if not schedule.cached[s, block, i]), default=None)
+                         for i, b in enumerate(BRANCHES)}
+                score, optimise = self._decide(t, block, since)
+                fixed = tuple(b.value for i, b in enumerate(BRANCHES) if cached[i] and b.value in self.branches)
+                entries.append(PlanEntry(t, block, score, optimise, fixed if optimise else ()))
+        return entries
+
+    def score(self, step: int, block: int, since: dict) -> float:
+        """S of eq. 6 for a cached block whose branches were last computed at ``since[branch]``."""
+        errors = [self._error(b.value, block, step, s) for b, s in since.items() if s is not None]
+        error = sum(errors) / len(errors) if errors else 0.0
+        normalised = error / self._error_ref if self._error_ref > 0 else 0.0
+        position = 1.0 - step / (self.run.num_steps - 1) if self.run.num_steps > 1 else 1.0
+        return self.config.lam * normalised + (1.0 - self.config.lam) * position
+
+    def _decide(self, step: int, block: int, since: dict) -> tuple[float, bool]:
+        key = (step, block, tuple(since.items()))
+        if key not in self._decisions:
+            s = self.score(step, block, since)
+            optimise = step <= self.config.max_step if self.config.max_step is not None else s > self.config.tau
+            self._decisions[key] = (s, optimise)
+        return self._decisions[key]
+
+    def _error(self, branch: str, block: int, step: int, since: int) -> float:
+        key = (branch, block, step, since)
+        if key not in self._errors:
+            self._errors[key] = float(self.prior.trend(branch, block, step, since).abs().mean())
+        return self._errors[key]
+
+    def _one_step_max(self) -> float:
+        steps, depth = self.prior.shape[:2]
+        best = 0.0
+        for t in range(1, steps):
+            for block in range(depth):
+                pair = [self._error(b.value, block, t, t - 1) for b in BRANCHES]
+                best = max(best, sum(pair) / 2)
+        return best
+
+    def _last_before(self, site: Site, step: int) -> Optional[int]:
+        """The last step < ``step`` at which ``site`` was computed ("as of the start of the step")."""
+        for s in reversed(self._computed.get(site, ())):
+            if s < step:
+                return s
+        return None
+
+
+def eoc_plan(config: EocConfig, run: RunInfo, schedule) -> list[PlanEntry]:
+    """Which cached (step, block) of ``schedule`` EOC would correct in ``run`` (for inspection)."""
+    corrector = EocCorrector(config)
+    corrector.reset(run)
+    return corrector.plan(schedule)
+
+
+def plan_text(entries: list[PlanEntry], num_steps: int, depth: int) -> str:
+    """A step x block map: 'o' corrected, 'c' cached but left alone, '.' computed."""
+    grid = [["."] * depth for _ in range(num_steps)]
+    for e in entries:
+        grid[e.step][e.block] = "o" if e.optimised else "c"
+    lines = ["step  " + "".join(str(b % 10) for b in range(depth))]
+    lines += [f"{t:4d}  " + "".join(row) for t, row in enumerate(grid)]
+    return "\n".join(lines)
+
+
+@register_corrector("eoc", EocConfig,
+                    "EOC trend correction from a prior (ditcache calibrate eoc): gamma 0.01 for rule/FORA, "
+                    "the paper used 0.005 with L2C; max_step=k corrects steps <= k only")
+def _eoc(config: EocConfig) -> EocCorrector:
+    return EocCorrector(config)
+
+
+__all__ = ["EocConfig", "EocCorrector", "PlanEntry", "apply_trend", "eoc_plan", "plan_text"]

@@ -1,0 +1,112 @@
+"""`ditcache calibrate` on a tiny model file: prior extraction (and resuming it), GOC's statistic, EOC's plan,
+and the correctors through `ditcache sample --corrector`."""
+
+import json
+
+import pytest
+import torch
+
+from ditcache.calibration.prior import load_prior
+from ditcache.cli.main import main
+from ditcache.models.loading import save_model
+
+from ..conftest import tiny_dit
+
+EXTRACT = ["--num-samples", "5", "--batch-size", "2", "--steps", "6"]
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    torch.set_num_threads(1)
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    return str(save_model(tiny_dit(depth=2, size=8, channels=1, classes=4), path, name="tiny"))
+
+
+@pytest.fixture(scope="module")
+def prior(model_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prior") / "prior"
+    assert main(["calibrate", "eoc", "--model", model_file, *EXTRACT, "--out", str(out), "--json"]) == 0
+    return str(out)
+
+
+def calibrate(capsys, *args):
+    code = main(["calibrate", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_extraction_reports_size_and_cost(model_file, tmp_path, capsys):
+    code, out, _ = calibrate(capsys, "eoc", "--model", model_file, *EXTRACT, "--out", str(tmp_path / "p"),
+                             "--dtype", "float16", "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["finished"] and report["K"] == 5 and report["dtype"] == "float16"
+    assert report["shape"] == [6, 2, 2, 16, 32]  # (steps, blocks, CFG halves, tokens, channels)
+    assert report["forwards"] == 30 and report["model_calls"] == 18 and report["seconds"] > 0
+    assert report["bytes"] > 2 * 6 * 2 * 2 * 16 * 32 * 2  # the fp16 tensors plus the manifest
+    prior = load_prior(tmp_path / "p")
+    assert prior.artifact.meta["labels"] == [0, 1, 2, 3] and prior.key.steps == 6
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(model_file, prior, tmp_path, capsys):
+    out = str(tmp_path / "p")
+    code, text, _ = calibrate(capsys, "eoc", "--model", model_file, *EXTRACT, "--out", out, "--max-batches", "2")
+    assert code == 0 and "stopped after 4 of 5 samples" in text
+    assert not load_prior_or_none(out)
+    code, text, _ = calibrate(capsys, "eoc", "--model", model_file, *EXTRACT, "--out", out, "--json")
+    assert code == 0 and json.loads(text)["resumed_from"] == 4
+    whole, resumed = load_prior(prior), load_prior(out)
+    assert whole.key == resumed.key
+    for branch in ("attn", "mlp"):
+        assert torch.equal(whole.means[branch], resumed.means[branch])
+
+
+def load_prior_or_none(path):
+    try:
+        return load_prior(path)
+    except FileNotFoundError:
+        return None
+
+
+def test_resuming_with_other_settings_exits_2(model_file, tmp_path, capsys):
+    out = str(tmp_path / "p")
+    assert calibrate(capsys, "eoc", "--model", model_file, *EXTRACT, "--out", out, "--max-batches", "1")[0] == 0
+    code, _, err = calibrate(capsys, "eoc", "--model", model_file, *EXTRACT, "--out", out, "--cfg-scale", "4")
+    assert code == 2 and "cfg_scale" in err and "delete that folder" in err
+
+
+def test_goc_statistic_and_excluded_steps(prior, capsys):
+    code, out, _ = calibrate(capsys, "goc", "--prior", prior, "--policy", "rule:preset=rm-50", "--json")
+    assert code == 0
+    report = json.loads(out)
+    cos = report["cosine"]
+    assert len(cos) == 6 and cos[0] is None and cos[-1] is None and all(-1 <= c <= 1 for c in cos[1:-1])
+    assert report["inflections"] == [v for v in range(1, 5) if cos[v] < 0]
+    assert report["excluded"] == sorted({t for v in report["inflections"] for t in (v, v + 1, v + 2) if t < 6})
+    assert report["compensated"] == [t for t in (3, 5) if t not in report["excluded"]]
+    code, out, _ = calibrate(capsys, "goc", "--prior", prior)
+    assert code == 0 and "excluded steps" in out and len(out.splitlines()) == 1 + 6 + 2
+
+
+def test_eoc_plan(prior, capsys):
+    code, out, _ = calibrate(capsys, "eoc-plan", "--corrector", f"eoc:prior={prior},max_step=1", "--json")
+    assert code == 0
+    entries = json.loads(out)["entries"]
+    assert [(e["step"], e["block"], e["optimised"]) for e in entries] == [
+        (1, 0, True), (1, 1, True), (3, 0, False), (3, 1, False), (5, 0, False), (5, 1, False)]
+    code, out, _ = calibrate(capsys, "eoc-plan", "--corrector", f"eoc:prior={prior}", "--policy", "fora:interval=2")
+    assert code == 0 and "corrects" in out
+
+
+def test_correctors_run_through_sample_specs(model_file, prior, tmp_path, capsys):
+    base = ["sample", "--model", model_file, "--num-samples", "2", "--steps", "6", "--policy", "rule:preset=rm-50",
+            "--json", "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "a"), "--corrector", "goc:w=1.2",
+                 "--corrector", f"eoc:prior={prior},gamma=0.01"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [c["name"] for c in report["correctors"]] == ["goc", "eoc"]
+    assert main([*base, "--out", str(tmp_path / "b"), "--corrector", f"eoc:prior={prior},max_step=5",
+                 "--corrector", "goc"]) == 2
+    assert "goc must be the first corrector" in capsys.readouterr().err
+    assert main([*base, "--steps", "4", "--out", str(tmp_path / "c"), "--corrector", f"eoc:prior={prior}"]) == 2
+    assert "steps: artifact 6 vs run 4" in capsys.readouterr().err
