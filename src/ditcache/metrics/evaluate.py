@@ -1,0 +1,97 @@
+"""Quality of generated samples against data: FID, sFID, precision/recall and, on MNIST, class metrics.
+
+Inception features of the samples are extracted once and shared by every metric, following the
+ADM evaluator's protocol (see ``inception.py`` for the network and its preprocessing). On the MNIST
+reference a small digit classifier stands in for the Inception logits: its score is reported as
+``is_classifier`` because it is not the Inception Score and must not be compared with one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ditcache.metrics.fid import features_to_stats, frechet_distance
+from ditcache.metrics.inception import InceptionExtractor, to_nhwc_rgb
+from ditcache.metrics.inception_score import NUM_SPLITS, inception_score
+from ditcache.metrics.precision_recall import K, precision_recall
+from ditcache.metrics.reference import get_reference, read_npz, read_png_folder
+
+CLASSIFIER_REFERENCES = ("mnist",)  # references whose classes the digit classifier knows
+
+
+def load_samples(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read samples: an ADM-format ``.npz`` (uint8 NHWC under ``arr_0``; labels under ``labels``,
+    or ``arr_1`` as ADM's sampling script writes them) or a folder of PNGs (no labels).
+
+    Returns ``(images (N, H, W, C) uint8, labels (N,) int64 or None)``.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"samples not found: {path}")
+    if path.is_dir():
+        return read_png_folder(path), None
+    if path.suffix != ".npz":
+        raise ValueError(f"samples must be an .npz (arr_0) or a folder of PNGs, got {path}")
+    arrays = read_npz(path)
+    if "arr_0" not in arrays:
+        raise ValueError(f"{path} holds no images under 'arr_0' (keys: {sorted(arrays)})")
+    images = arrays["arr_0"]
+    images = images[..., None] if images.ndim == 3 else images  # (N, H, W, C)
+    labels = arrays.get("labels", arrays.get("arr_1"))
+    if labels is not None:
+        labels = np.asarray(labels).astype(np.int64).reshape(-1)
+        if len(labels) != len(images):
+            raise ValueError(f"{path}: {len(labels)} labels for {len(images)} images")
+    return images, labels
+
+
+def evaluate(samples: np.ndarray, labels: np.ndarray | None = None, reference: str = "mnist",
+             extractor: InceptionExtractor | None = None, classifier=None,
+             cache_dir: str | os.PathLike | None = None, reference_limit: int | None = None,
+             progress: bool = False) -> dict:
+    """Every data metric of uint8 samples (N, H, W[, C]) against a reference, as a flat dict.
+
+    Keys: fid, sfid, precision, recall (k = 3), num_samples, num_reference, reference,
+    reference_stats ("precomputed" or "computed"), preprocessing; and on the MNIST reference
+    is_classifier, is_classifier_std and (when ``labels`` are given) class_accuracy.
+    """
+    samples = to_nhwc_rgb(samples)  # checks dtype and shape
+    if len(samples) <= K:
+        raise ValueError(f"need more than {K} samples for FID and precision/recall, got {len(samples)}")
+    if labels is not None and len(labels) != len(samples):
+        raise ValueError(f"{len(labels)} labels for {len(samples)} samples")
+    extractor = extractor if extractor is not None else InceptionExtractor()
+    ref = get_reference(reference, extractor, cache_dir, reference_limit, progress)
+
+    # 1. features once, shared by every metric
+    feats = extractor.features(samples, progress=progress)
+    mu, sigma = features_to_stats(feats["pool"])
+    mu_s, sigma_s = features_to_stats(feats["spatial"])
+    result = {
+        "fid": frechet_distance(mu, sigma, ref.mu, ref.sigma),
+        "sfid": frechet_distance(mu_s, sigma_s, ref.mu_s, ref.sigma_s),
+        "precision": None,
+        "recall": None,
+        "num_samples": len(samples),
+        "num_reference": ref.num_images,
+        "reference": ref.name,
+        "reference_stats": "precomputed" if ref.precomputed else "computed",
+        "preprocessing": extractor.preprocessing_key,
+    }
+    # 2. precision/recall need reference images, which a statistics-only reference lacks
+    if ref.pool is not None and len(ref.pool) > K:
+        device = getattr(extractor, "device", "cpu")
+        result["precision"], result["recall"] = precision_recall(ref.pool, feats["pool"], device=device)
+    # 3. class metrics where the digit classifier applies
+    if reference in CLASSIFIER_REFERENCES:
+        from ditcache.metrics.classifier import classifier_probs, load_classifier
+
+        classifier = classifier if classifier is not None else load_classifier()
+        probs = classifier_probs(samples, classifier)  # (N, 10)
+        result["is_classifier"], result["is_classifier_std"] = inception_score(probs, min(NUM_SPLITS, len(probs)))
+        if labels is not None:
+            result["class_accuracy"] = float(np.mean(probs.argmax(axis=1) == np.asarray(labels)))
+    return result

@@ -1,0 +1,211 @@
+"""Reference statistics for FID/sFID and reference features for precision/recall, cached on disk.
+
+A reference is one of
+- ``"mnist"``: the real MNIST test split (``ditcache.data.mnist``);
+- an ``.npz`` of uint8 NHWC images under ``arr_0``; an ADM reference batch
+  (``VIRTUAL_imagenet256_labeled.npz``) also carries ``mu``, ``sigma``, ``mu_s``, ``sigma_s``,
+  which are used as they are (they came from the TF evaluator over all of ImageNet), while its
+  images feed precision/recall;
+- a folder of PNG images.
+
+Statistics are computed once per (dataset, resolution, extractor preprocessing key, image limit)
+and cached as ``.npz`` under ``$DITCACHE_CACHE`` (else ``~/.cache/ditcache``), never in the package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ditcache.metrics.fid import features_to_stats
+
+CACHE_ENV = "DITCACHE_CACHE"
+PAIRS = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}  # feature layer -> its statistics
+
+
+@dataclass
+class Reference:
+    """What the metrics need from a reference set: Gaussian statistics and pool features."""
+
+    name: str
+    resolution: int
+    mu: np.ndarray  # (2048,)
+    sigma: np.ndarray  # (2048, 2048)
+    mu_s: np.ndarray  # (2023,)
+    sigma_s: np.ndarray  # (2023, 2023)
+    pool: np.ndarray | None  # (M, 2048) features of the reference images; None without images
+    num_images: int  # images in the reference set (M, or 0 when only statistics exist)
+    precomputed: bool  # True when mu/sigma came from the file rather than from our extractor
+    cache_path: Path
+
+
+def default_cache_dir() -> Path:
+    """``$DITCACHE_CACHE`` if set, else ``~/.cache/ditcache``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ditcache").expanduser()
+
+
+def _open_png(path: Path) -> Image.Image:
+    """An 8-bit gray or RGB image; palette and alpha images are converted to RGB."""
+    im = Image.open(path)
+    return im if im.mode in ("L", "RGB") else im.convert("RGB")
+
+
+def read_png_folder(folder: str | os.PathLike) -> np.ndarray:
+    """All ``*.png`` in a folder (sorted by name) as uint8 (N, H, W, C); gray files give C = 1.
+    An alpha channel is dropped (the stored RGB values are kept)."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.png"))
+    if not files:
+        raise ValueError(f"no .png images in {folder}")
+    arrays = [np.asarray(_open_png(f)) for f in files]
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise ValueError(f"images in {folder} differ in shape: {sorted(shapes)}")
+    images = np.stack(arrays)  # (N, H, W) or (N, H, W, C)
+    if images.dtype != np.uint8:
+        raise ValueError(f"images in {folder} must be 8-bit, got {images.dtype}")
+    return images if images.ndim == 4 else images[..., None]
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz``; ValueError when it holds neither images (arr_0) nor mu/sigma."""
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    if "arr_0" not in arrays and "mu" not in arrays:
+        raise ValueError(f"{path} holds no images under 'arr_0' and no 'mu'/'sigma' (keys: {sorted(arrays)})")
+    if "arr_0" in arrays:
+        images = arrays["arr_0"]
+        if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) == 0:
+            raise ValueError(
+                f"{path}: 'arr_0' must be uint8 (N, H, W[, C]) with N > 0, got {images.dtype} {images.shape}")
+    return arrays
+
+
+def _fingerprint(paths: list[Path]) -> str:
+    """Short hash of file paths, sizes and modification times: a changed file gets a new cache key."""
+    h = hashlib.sha1()
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:10]
+
+
+def _npz_image_shape(path: Path) -> tuple[int, ...] | None:
+    """Shape of ``arr_0`` read from its .npy header, without loading the images."""
+    with zipfile.ZipFile(path) as zf:
+        if "arr_0.npy" not in zf.namelist():
+            return None
+        with zf.open("arr_0.npy") as f:
+            version = np.lib.format.read_magic(f)
+            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            return reader(f)[0]
+
+
+def _describe(spec: str) -> tuple[str, int, str]:
+    """(name, resolution, kind) of a reference spec without reading its images."""
+    if spec == "mnist":
+        return "mnist", 28, "mnist"
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"reference {spec!r} is neither 'mnist' nor an existing .npz or folder")
+    if path.is_dir():
+        files = sorted(path.glob("*.png"))
+        if not files:
+            raise ValueError(f"no .png images in reference folder {path}")
+        with Image.open(files[0]) as im:
+            resolution = im.size[1]
+        return f"{path.name}-{_fingerprint(files)}", resolution, "folder"
+    if path.suffix != ".npz":
+        raise ValueError(f"reference {path} must be an .npz file or a folder of PNGs")
+    shape = _npz_image_shape(path)
+    return f"{path.stem}-{_fingerprint([path])}", shape[1] if shape else 0, "npz"
+
+
+def cache_file(spec: str, preprocessing_key: str, cache_dir: str | os.PathLike | None = None,
+               limit: int | None = None) -> Path:
+    """Where the statistics of ``spec`` under one extractor preprocessing are cached."""
+    name, resolution, _ = _describe(spec)
+    suffix = f"_first{limit}" if limit else ""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return root / "reference" / f"{name}_{resolution}px_{preprocessing_key}{suffix}.npz"
+
+
+def _save_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _compute(spec: str, kind: str, extractor, limit: int | None, progress: bool) -> dict[str, np.ndarray]:
+    """Read the reference images (and any precomputed statistics) and turn them into arrays to cache.
+
+    A pair (``mu``, ``sigma``) or (``mu_s``, ``sigma_s``) stored in an .npz is kept as it is; a
+    missing pair is computed from the images.
+    """
+    stats: dict[str, np.ndarray] = {}
+    if kind == "mnist":
+        from ditcache.data.mnist import load_mnist
+
+        images = load_mnist()[0]
+    elif kind == "folder":
+        images = read_png_folder(spec)
+    else:
+        arrays = read_npz(Path(spec).expanduser())
+        images = arrays.get("arr_0")
+        for mu_key, sigma_key in PAIRS.values():
+            if mu_key in arrays and sigma_key in arrays:
+                stats[mu_key] = arrays[mu_key].astype(np.float64)
+                stats[sigma_key] = arrays[sigma_key].astype(np.float64)
+        stats["precomputed"] = np.array("mu" in stats)
+    if images is not None and limit:
+        images = images[:limit]
+    if images is not None:
+        feats = extractor.features(images, progress=progress)
+        # the network computes in float32, so storing float32 features loses nothing
+        stats["pool"] = feats["pool"].astype(np.float32)  # (M, 2048)
+        for layer, (mu_key, sigma_key) in PAIRS.items():
+            if mu_key not in stats:
+                stats[mu_key], stats[sigma_key] = features_to_stats(feats[layer])
+    missing = [k for pair in PAIRS.values() for k in pair if k not in stats]
+    if missing:
+        raise ValueError(f"reference {spec} has no images under 'arr_0' and lacks {missing}")
+    return stats
+
+
+def get_reference(spec: str = "mnist", extractor=None, cache_dir: str | os.PathLike | None = None,
+                  limit: int | None = None, progress: bool = False) -> Reference:
+    """Reference statistics for ``spec``, read from the cache or computed once and cached.
+
+    ``limit`` keeps only the first ``limit`` reference images (a quick look; part of the cache key);
+    statistics stored in an ADM batch are used as they are, so there it limits precision/recall only.
+    """
+    if extractor is None:
+        from ditcache.metrics.inception import InceptionExtractor
+
+        extractor = InceptionExtractor()
+    name, resolution, kind = _describe(spec)
+    path = cache_file(spec, extractor.preprocessing_key, cache_dir, limit)
+    if not path.is_file():
+        _save_atomic(path, _compute(spec, kind, extractor, limit, progress))
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    pool = arrays["pool"].astype(np.float64) if "pool" in arrays else None
+    return Reference(
+        name=name, resolution=resolution,
+        mu=arrays["mu"], sigma=arrays["sigma"], mu_s=arrays["mu_s"], sigma_s=arrays["sigma_s"],
+        pool=pool, num_images=0 if pool is None else len(pool),
+        precomputed=bool(arrays.get("precomputed", False)), cache_path=path,
+    )
