@@ -5,13 +5,11 @@ import dataclasses
 import pytest
 import torch
 
-from ditcache.calibration.artifact import ArtifactKey
 from ditcache.calibration.prior import load_prior
 from ditcache.correctors.base import CORRECTORS
 from ditcache.correctors.eoc import EocConfig, EocCorrector, eoc_plan
 from ditcache.engine import CacheEngine
 from ditcache.policies import make_policy
-from ditcache.policies.rule import schedule_policy
 from ditcache.policies.schedule import step_schedule
 from ditcache.registry import parse_spec
 from ditcache.types import Branch, Kind, Site, StepInfo

@@ -230,7 +230,7 @@ def test_partial_on_attention_is_refused(dit):
 
 def test_installing_twice_is_refused(dit):
     with CacheEngine(dit):
-        with pytest.raises(RuntimeError, match="already installed"):
+        with pytest.raises(RuntimeError, match="already has an interception"):
             CacheEngine(dit).install()
 
 

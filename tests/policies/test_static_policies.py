@@ -1,6 +1,5 @@
 """FORA and the rule presets produce exactly the published schedules; bad schedules are errors."""
 
-import json
 
 import numpy as np
 import pytest

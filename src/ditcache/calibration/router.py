@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..adapters import Adapter, adapter_for
+from ..engine.patching import ForwardPatches, claim, release
 from ..policies.l2c import DEFAULT_THRESHOLD, router_schedule
 from ..policies.schedule import Schedule
 from ..types import Branch, Site
@@ -97,29 +98,19 @@ class SubLayerBlend:
         self.cache: dict[Site, torch.Tensor] = {}
         self._mode: Optional[str] = None
         self._beta: Optional[torch.Tensor] = None
-        self._patched: list[tuple[nn.Module, object]] = []
+        self._patches = ForwardPatches()
 
     def install(self) -> "SubLayerBlend":
-        for owner in ("_ditcache_engine", "_ditcache_blend"):
-            if getattr(self.model, owner, None) is not None:
-                raise RuntimeError(f"the model already has an interception installed ({owner}); remove it first")
+        claim(self.model, "_ditcache_blend", self)
         for site, module in self.sites.items():
-            self._patched.append((module, module.__dict__.get("forward")))
-            module.forward = self._forward(site, module.forward)
-        self.model._ditcache_blend = self
+            self._patches.patch(module, self._forward(site, module.forward))
         return self
 
     def remove(self) -> None:
         """Restore every patched module; the model is then the bare model again."""
-        for module, previous in reversed(self._patched):
-            if previous is None:
-                del module.forward
-            else:
-                module.forward = previous
-        self._patched.clear()
+        self._patches.restore()
         self.cache.clear()
-        if getattr(self.model, "_ditcache_blend", None) is self:
-            del self.model._ditcache_blend
+        release(self.model, "_ditcache_blend", self)
 
     def __enter__(self) -> "SubLayerBlend":
         return self.install()

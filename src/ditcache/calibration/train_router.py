@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from ..adapters import adapter_for
+from ..checkpoints import load_resumable, save_checkpoint
 from ..policies.l2c import ARTIFACT_KIND, DEFAULT_THRESHOLD, cache_steps, check_threshold
 from ..sampling.diffusion import GaussianDiffusion
 from ..sampling.loops import respaced_diffusion, sample
@@ -287,14 +288,7 @@ class RouterTrainer:
 
     # -- checkpoints --------------------------------------------------------------------------------
     def _resume(self) -> None:
-        state = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
-        saved, now = dict(state["config"]), dataclasses.asdict(self.config)
-        for key in RESUMABLE_CHANGES:  # a longer or shorter run of the same training is fine
-            saved.pop(key, None), now.pop(key, None)
-        if saved != now:
-            diff = {k: (saved.get(k), now.get(k)) for k in now if saved.get(k) != now.get(k)}
-            raise ValueError(f"{self.ckpt_path} was made with another config {diff} (saved, asked); "
-                             "use a new --out folder")
+        state = load_resumable(self.ckpt_path, self.config, RESUMABLE_CHANGES)
         if state["world"] != self.world or state["fingerprint"] != self.loaded.fingerprint:
             raise ValueError(f"{self.ckpt_path} was made by {state['world']} processes on model "
                              f"{state['fingerprint']}; this run has {self.world} on {self.loaded.fingerprint}")
@@ -311,10 +305,7 @@ class RouterTrainer:
         state = {"config": dataclasses.asdict(self.config), "logits": self.router.stacked().cpu(),
                  "opt": self.opt.state_dict(), "gens": gens, "iteration": self.iteration,
                  "seconds": self.seconds, "world": self.world, "fingerprint": self.loaded.fingerprint}
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.ckpt_path.with_name(f".checkpoint.tmp{os.getpid()}")
-        torch.save(state, tmp)
-        os.replace(tmp, self.ckpt_path)
+        save_checkpoint(state, self.ckpt_path)
 
     # -- training -----------------------------------------------------------------------------------
     def local_step(self) -> dict:

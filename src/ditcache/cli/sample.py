@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..engine import CacheEngine
-from ..images import grid, save_npz, save_png
+from ..images import grid, save_png
 from ..models.loading import load_model
 from ..policies.schedule import write_json_atomic
 from ..sampling.sharded import assemble, barrier, claim_folder, init_distributed, run_shard, sum_reports
@@ -56,10 +56,10 @@ def run(args) -> int:
     if rank != 0:
         return 0
     if (out / "shards").is_dir() or not (out / "samples.npz").is_file():
-        images, labels = assemble(out, config)
+        images, _ = assemble(out, config)
     else:
         with np.load(out / "samples.npz") as data:
-            images, labels = data["arr_0"], data["labels"]
+            images = data["arr_0"]
     paths = {"grid": str(out / "grid.png"), "npz": str(out / "samples.npz"), "report": str(out / "report.json")}
     save_png(grid(images[:64]), paths["grid"], scale=4 if images.shape[1] <= 64 else 1)
     counters = sum_reports(done["reports"]) or {}

@@ -27,6 +27,7 @@ from ..correctors import Corrector
 from ..policies import Policy
 from ..types import MLP_ONLY_PARTIAL, TRUNK, Branch, Kind, RunInfo, Site, StepInfo
 from .counters import Counters
+from .patching import ForwardPatches, claim, release
 
 
 class CacheEngine:
@@ -48,7 +49,7 @@ class CacheEngine:
         self.counters = Counters(self.dims)
         self.peak_bytes = 0
         self._step: Optional[StepInfo] = None
-        self._patched: list[tuple[nn.Module, object]] = []
+        self._patches = ForwardPatches()
         self._keep: dict[Site, bool] = {}
         self._trunk_reused = False
         self.model_info: dict = {}  # fingerprint / resolution of the loaded model, for RunInfo
@@ -60,32 +61,20 @@ class CacheEngine:
 
     # -- installation -------------------------------------------------------------------------
     def install(self) -> "CacheEngine":
-        if getattr(self.model, "_ditcache_engine", None) is not None:
-            raise RuntimeError("a CacheEngine is already installed on this model; remove it first")
+        claim(self.model, "_ditcache_engine", self)
         blocks = self.adapter.blocks(self.model)
         for i, block in enumerate(blocks):
-            self._patch(block, self._block_forward(i, len(blocks), block.forward))
+            self._patches.patch(block, self._block_forward(i, len(blocks), block.forward))
         for site, module in self.adapter.site_modules(self.model).items():
-            self._patch(module, self._site_forward(site, module.forward))
-        self.model._ditcache_engine = self
+            self._patches.patch(module, self._site_forward(site, module.forward))
         return self
-
-    def _patch(self, module: nn.Module, forward) -> None:
-        self._patched.append((module, module.__dict__.get("forward")))
-        module.forward = forward
 
     def remove(self) -> None:
         """Restore every patched module; the model is then the bare model again."""
-        for module, previous in reversed(self._patched):
-            if previous is None:
-                del module.forward
-            else:
-                module.forward = previous
-        self._patched.clear()
+        self._patches.restore()
         self.store.clear()
         self._step = None
-        if getattr(self.model, "_ditcache_engine", None) is self:
-            del self.model._ditcache_engine
+        release(self.model, "_ditcache_engine", self)
 
     def __enter__(self) -> "CacheEngine":
         return self.install()
@@ -96,7 +85,7 @@ class CacheEngine:
     # -- the sampler's hooks ------------------------------------------------------------------
     def begin_run(self, info: RunInfo) -> None:
         """Reset all per-sample state; nothing leaks from one sampling call to the next."""
-        if not self._patched:
+        if not self._patches:
             raise RuntimeError("install() the engine before sampling with it")
         info = dataclasses.replace(info, depth=self.dims.depth, num_tokens=self.dims.num_tokens, **self.model_info)
         self.run = info

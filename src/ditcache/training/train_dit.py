@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..checkpoints import load_resumable, save_checkpoint
 from ..data.mnist import load_mnist
 from ..models.dit import DiT
 from ..models.loading import save_model
@@ -77,14 +78,7 @@ class Trainer:
             self._resume()
 
     def _resume(self) -> None:
-        state = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
-        saved, now = dict(state["config"]), dataclasses.asdict(self.config)
-        for key in RESUMABLE_CHANGES:  # a longer or shorter run of the same training is fine
-            saved.pop(key, None), now.pop(key, None)
-        if saved != now:
-            diff = {k: (saved.get(k), now.get(k)) for k in now if saved.get(k) != now.get(k)}
-            raise ValueError(f"{self.ckpt_path} was made with another config {diff} (saved, asked); "
-                             "use a new --out folder")
+        state = load_resumable(self.ckpt_path, self.config, RESUMABLE_CHANGES)
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["opt"])
@@ -96,10 +90,7 @@ class Trainer:
         state = {"config": dataclasses.asdict(self.config), "model": self.model.state_dict(),
                  "ema": self.ema.state_dict(), "opt": self.opt.state_dict(), "gen": self.gen.get_state(),
                  "torch_rng": torch.get_rng_state(), "step": self.step, "seconds": self.seconds}
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.ckpt_path.with_name(f".checkpoint.tmp{os.getpid()}")
-        torch.save(state, tmp)
-        os.replace(tmp, self.ckpt_path)
+        save_checkpoint(state, self.ckpt_path)
 
     def train_step(self) -> dict:
         c = self.config
