@@ -126,12 +126,12 @@ class _Totals:
     """Sums the engine's per-call counters over batches."""
 
     def __init__(self):
-        self.sums = {"sites_run": 0.0, "sites_total": 0.0, "macs_run": 0, "macs_total": 0}
+        self.sums = {"sites_run": 0.0, "sites_total": 0.0, "macs_run": 0, "macs_total": 0, "extra_macs": 0}
         self.peak = 0
 
     def add(self, report: dict) -> None:
         for key in self.sums:
-            self.sums[key] += report[key]
+            self.sums[key] += report.get(key, 0)
         self.peak = max(self.peak, report["cache_peak_bytes"])
 
     def report(self, engine) -> dict:
@@ -143,6 +143,7 @@ class _Totals:
             "macs_ratio": s["macs_run"] / s["macs_total"] if s["macs_total"] else 1.0,
             "macs_run": s["macs_run"],
             "macs_total": s["macs_total"],
+            "extra_macs": s["extra_macs"],  # policy overhead (token scoring), already inside macs_run
             "cache_peak_bytes": self.peak,
             "policy": engine.policy.describe(),
             "correctors": [c.describe() for c in engine.correctors],
