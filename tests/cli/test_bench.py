@@ -18,8 +18,10 @@ def test_bench_reports_both_models_with_exact_compute_fractions(tmp_path, capsys
     out = json.loads(capsys.readouterr().out)
     for label in ("large", "small"):
         rows = {r["spec"]: r for r in out[label]["rows"]}
-        assert list(rows) == ["none", "rule:preset=rm-25", "rule:preset=rm-50", "fora:interval=2", "fora:interval=3"]
-        assert rows["none"]["speedup"] == 1.0
+        assert list(rows) == ["bare", "none", "rule:preset=rm-25", "rule:preset=rm-50", "fora:interval=2",
+                              "fora:interval=3"]
+        assert rows["bare"]["speedup"] == 1.0
+        assert rows["none"]["compute_fraction"] == 1.0 and rows["none"]["macs_ratio"] == 1.0
         # at 8 steps: rm-25 reuses steps {1, 3}; rm-50 {1, 3, 5, 7}; FORA N=2 reuses r in {5, 3, 1}
         assert rows["rule:preset=rm-25"]["compute_fraction"] == pytest.approx(6 / 8)
         assert rows["rule:preset=rm-50"]["compute_fraction"] == pytest.approx(4 / 8)

@@ -18,7 +18,8 @@ from ..models.loading import LoadedModel
 from ..sampling.generate import SampleConfig, generate
 from .compare import parse_cache
 
-DEFAULT_SPECS = ("none", "rule:preset=rm-25", "rule:preset=rm-50", "fora:interval=2", "fora:interval=3")
+BARE = "bare"  # no engine: the cost of the engine itself is "none" against this
+DEFAULT_SPECS = (BARE, "none", "rule:preset=rm-25", "rule:preset=rm-50", "fora:interval=2", "fora:interval=3")
 
 
 def random_dit(name: str = "DiT-XL/2", seed: int = 0) -> LoadedModel:
@@ -61,8 +62,12 @@ class SpeedRow:
 
 def time_policies(loaded, config: SampleConfig, specs=DEFAULT_SPECS, repeats: int = 3, device: str = "cpu",
                   progress: bool = True) -> list[SpeedRow]:
-    """Median wall-clock of ``generate`` per spec; the first spec is the reference for speed-ups."""
+    """Median wall-clock of ``generate`` per spec; the first spec is the reference for speed-ups.
+
+    The spec "bare" times the model without any engine, so "none" against it is the engine's cost."""
     def run(spec):
+        if spec == BARE:  # the model with no engine installed at all
+            return generate(loaded, config, device=device)
         policy, correctors = parse_cache(spec)
         with CacheEngine(loaded.module, policy, correctors) as engine:
             return generate(loaded, config, engine=engine, device=device)
@@ -74,8 +79,8 @@ def time_policies(loaded, config: SampleConfig, specs=DEFAULT_SPECS, repeats: in
         for _ in range(repeats):
             result = run(spec)
             times.append(result.seconds)
-        rows.append(SpeedRow(spec, statistics.median(times), times, result.report["compute_fraction"],
-                             result.report["macs_ratio"]))
+        rows.append(SpeedRow(spec, statistics.median(times), times, result.report.get("compute_fraction", 1.0),
+                             result.report.get("macs_ratio", 1.0)))
         if progress:
             print(f"  {spec}: {rows[-1].seconds:.3f} s", flush=True)
     for row in rows:
