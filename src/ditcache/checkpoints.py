@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 
 import torch
+
+from .atomic import write_atomic
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     """torch.save through a temporary file and a rename: a crash never leaves half a checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_resumable(path: str | os.PathLike, config, may_change: tuple[str, ...]) -> dict:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 from PIL import Image
+
+from .atomic import write_atomic
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -36,7 +36,7 @@ def save_png(picture: np.ndarray, path: str | os.PathLike, scale: int = 1) -> No
     img = Image.fromarray(picture[..., 0] if picture.shape[-1] == 1 else picture)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    _atomic(path, lambda tmp: img.save(tmp, format="PNG"))
+    write_atomic(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def save_npz(path: str | os.PathLike, images: np.ndarray, labels: Optional[np.ndarray] = None) -> None:
@@ -44,18 +44,4 @@ def save_npz(path: str | os.PathLike, images: np.ndarray, labels: Optional[np.nd
     arrays = {"arr_0": images}
     if labels is not None:
         arrays["labels"] = np.asarray(labels, dtype=np.int64)
-    _atomic(path, lambda tmp: np.savez(tmp, **arrays))
-
-
-def _atomic(path, write) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(path, lambda tmp: np.savez(tmp, **arrays))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+
+from ..atomic import write_atomic
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "assets" / "mnist_classifier.safetensors"
 SIDE = 28
@@ -108,18 +109,8 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, epochs: int = EPOCH
 
 def save_classifier(model: DigitClassifier, path: str | os.PathLike = WEIGHTS) -> Path:
     """Write the weights as safetensors atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; weights are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    return write_atomic(path, lambda tmp: save_file(tensors, tmp))
 
 
 def load_classifier(path: str | os.PathLike = WEIGHTS) -> DigitClassifier:

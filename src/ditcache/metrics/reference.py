@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ditcache.atomic import write_atomic
 from ditcache.metrics.fid import features_to_stats
 
 CACHE_ENV = "DITCACHE_CACHE"
@@ -138,15 +138,7 @@ def cache_file(spec: str, preprocessing_key: str, cache_dir: str | os.PathLike |
 
 
 def _save_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomic(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 def _compute(spec: str, kind: str, extractor, limit: int | None, progress: bool) -> dict[str, np.ndarray]:

@@ -25,6 +25,7 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
+from ..atomic import write_atomic
 from .dit import DIT_CONFIGS, DiT
 
 EMBEDDED = {"mnist": "ditcache/assets/mnist_dit.safetensors"}  # name -> path under the package's parent
@@ -188,14 +189,7 @@ def save_model(module: DiT, path: Spec, **meta) -> Path:
     metadata = {"format": FORMAT, "config": json.dumps(module.config)}
     metadata.update({k: json.dumps(v) for k, v in meta.items()})
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load_vae(kind_or_path: str, *, device="cpu", dtype=torch.float32, local_files_only: bool = False):

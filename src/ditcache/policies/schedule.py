@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import write_atomic
 from ..types import BRANCHES, Site
 
 
@@ -119,12 +119,12 @@ class Schedule:
 
 def write_json_atomic(path: str | os.PathLike, data) -> None:
     """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+
+    write_atomic(path, write)
 
 
 def step_schedule(num_steps: int, depth: int, cached_steps, name: str) -> Schedule:
