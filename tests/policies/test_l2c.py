@@ -6,7 +6,7 @@ import torch
 
 from ditcache.calibration.artifact import Artifact, ArtifactKey, save_artifact
 from ditcache.policies import make_policy
-from ditcache.policies.l2c import cache_steps, preset_schedule, router_schedule, schedules_file
+from ditcache.policies.l2c import cache_steps, fraction_schedule, preset_schedule, router_schedule, schedules_file
 from ditcache.types import RunInfo
 
 
@@ -103,6 +103,28 @@ def test_computed_iff_beta_above_threshold():
     assert s.cached[1, 0].tolist() == [True, False]  # β == θ is cached, β > θ computed
 
 
+def test_fraction_caches_the_lowest_beta_sites_of_the_cache_steps():
+    # 4 steps x 2 blocks = 16 sub-layer calls; cache steps 1 and 3
+    logits = torch.tensor([
+        [-9.0, -9.0, -9.0, -9.0],  # step 0: never cached, even at the lowest β
+        [-1.0, 2.0, -3.0, 0.5],
+        [-9.0, -9.0, -9.0, -9.0],
+        [-2.0, 1.0, -0.5, 3.0],
+    ])
+    # β order over the cache steps: (1, attn1) -3 < (3, attn0) -2 < (1, attn0) -1 < (3, attn1) -0.5 < ...
+    s = fraction_schedule(logits, 3 / 16)
+    expected = np.zeros((4, 2, 2), dtype=bool)
+    expected[1, 1, 0] = expected[3, 0, 0] = expected[1, 0, 0] = True
+    assert np.array_equal(s.cached, expected)
+    # the same sets as thresholding at a θ between the 3rd and 4th smallest β
+    theta = float(torch.sigmoid(torch.tensor(-0.75)))
+    assert np.array_equal(router_schedule(logits, theta).cached, expected)
+    assert fraction_schedule(logits, 0.0).cached.sum() == 0
+    assert fraction_schedule(logits, 0.5).cached[[1, 3]].all()  # every cache-step sub-layer
+    with pytest.raises(ValueError, match=r"must be in \[0, 0.500\]"):
+        fraction_schedule(logits, 0.6)
+
+
 def _router(tmp_path, steps=6, depth=3, fingerprint="abc", cfg=1.5):
     logits = torch.full((steps, 2 * depth), 4.0)
     logits[1] = -4.0  # everything cached at step 1
@@ -124,6 +146,9 @@ def test_router_artifact_is_checked_against_the_run(tmp_path):
         policy.reset(RunInfo(**{**run.__dict__, "cfg_scale": 4.0}))
     with pytest.raises(ValueError, match="does not know which model"):
         policy.reset(RunInfo(num_steps=6, depth=3, num_tokens=16))
+    by_fraction = make_policy("l2c", router=str(path), fraction=3 / 36)  # 3 of 6 steps x 6 sub-layers
+    by_fraction.reset(run)
+    assert by_fraction.schedule().cached.sum() == 3 and by_fraction.schedule().cached[1].sum() == 3
 
 
 def test_bad_configs_are_clear_errors(tmp_path, monkeypatch):
@@ -137,6 +162,8 @@ def test_bad_configs_are_clear_errors(tmp_path, monkeypatch):
         make_policy("l2c", preset="dit-xl2-ddim20", threshold=0.5)
     with pytest.raises(ValueError, match=r"in \(0, 1\)"):
         router_schedule(torch.zeros(2, 2), 1.5)
+    with pytest.raises(ValueError, match="router=PATH only"):
+        make_policy("l2c", preset="dit-xl2-ddim20", fraction=0.1)
     with pytest.raises(FileNotFoundError, match="not a calibration artifact"):
         make_policy("l2c", router=str(tmp_path))
     other = save_artifact(Artifact("eoc-prior", ArtifactKey("a", "ddim", 6, 1.5, 8), {"x": torch.zeros(1)}),

@@ -4,10 +4,11 @@
 import numpy as np
 import pytest
 
-from ditcache.policies import make_policy
+from ditcache.policies import POLICIES, make_policy
 from ditcache.policies.fora import fora_schedule
 from ditcache.policies.rule import rm_steps
 from ditcache.policies.schedule import Schedule, step_schedule
+from ditcache.registry import parse_spec
 from ditcache.types import Branch, RunInfo, Site
 
 
@@ -70,6 +71,20 @@ def test_rule_file_round_trip_and_errors(tmp_path):
     bad["schedule"][1]["cached_attn"] = [7]
     with pytest.raises(ValueError, match="block 7 is outside"):
         Schedule.from_json(bad)
+
+
+def test_rule_steps_reuse_exactly_the_listed_steps():
+    policy = parse_spec(POLICIES, "rule:steps=1/3/4/9")  # as the command line gives it
+    policy.reset(RunInfo(num_steps=10, depth=3, num_tokens=4))
+    cached = policy.schedule().cached  # (steps, depth, branch)
+    assert [i for i in range(10) if cached[i].any()] == [1, 3, 4, 9]
+    assert all(cached[i].all() for i in (1, 3, 4, 9))
+    with pytest.raises(ValueError, match="outside 0..9"):
+        make_policy("rule", steps=(1, 12)).reset(RunInfo(num_steps=10, depth=3, num_tokens=4))
+    with pytest.raises(ValueError, match="step 0"):
+        make_policy("rule", steps=(0, 1))
+    with pytest.raises(ValueError, match="not both"):
+        make_policy("rule", steps=(1,), path="x.json")
 
 
 def test_step_zero_cannot_reuse():

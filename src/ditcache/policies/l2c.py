@@ -66,6 +66,32 @@ def router_schedule(logits: torch.Tensor, threshold: float = DEFAULT_THRESHOLD, 
     return Schedule(cached, name)
 
 
+def fraction_schedule(logits: torch.Tensor, fraction: float, name: str = "l2c") -> Schedule:
+    """Cache the lowest-β sub-layers of the cache steps until ``fraction`` of all sub-layer calls is reused.
+
+    The same ranking as thresholding (a sub-layer is cached before any with a larger β), with θ
+    chosen so the schedule reuses round(fraction · steps · 2 · depth) sub-layers: the way to put a
+    router's schedule beside a hand-made one of the same compute. Ties keep (step, block, branch) order.
+    """
+    logits = torch.as_tensor(logits).detach().float().cpu()
+    if logits.dim() != 2 or logits.shape[1] % 2:
+        raise ValueError(f"router logits must be (steps, 2 * depth), got {tuple(logits.shape)}")
+    steps, depth = logits.shape[0], logits.shape[1] // 2
+    odd = cache_steps(steps)
+    limit = len(odd) * 2 * depth / (steps * 2 * depth)
+    if not 0.0 <= fraction <= limit:
+        raise ValueError(f"an L2C schedule reuses only at its {len(odd)} cache steps of {steps}, so the "
+                         f"reused fraction must be in [0, {limit:.3f}], got {fraction}")
+    count = int(round(fraction * steps * 2 * depth))
+    beta = torch.sigmoid(logits[odd]).numpy().reshape(-1)  # (len(odd) * 2 * depth,) in (step, block, branch) order
+    chosen = np.argsort(beta, kind="stable")[:count]
+    flat = np.zeros(beta.shape, dtype=bool)
+    flat[chosen] = True
+    cached = np.zeros((steps, depth, 2), dtype=bool)
+    cached[odd] = flat.reshape(len(odd), depth, 2)
+    return Schedule(cached, name)
+
+
 def check_threshold(threshold: float) -> None:
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"the L2C threshold θ must be in (0, 1), got {threshold}")
@@ -99,6 +125,7 @@ class L2cConfig:
     router: Optional[str] = None  # an l2c-router artifact folder (ditcache train-router)
     preset: Optional[str] = None  # dit-xl2-ddim20 or dit-xl2-ddim50
     threshold: float = DEFAULT_THRESHOLD  # θ; a sub-layer at a cache step is computed iff β > θ
+    fraction: Optional[float] = None  # instead of θ: reuse this fraction of all sub-layer calls, lowest β first
 
 
 class L2cPolicy(StaticPolicy):
@@ -111,6 +138,8 @@ class L2cPolicy(StaticPolicy):
             raise ValueError("l2c needs exactly one of router=PATH (a trained router) or "
                              f"preset=NAME ({', '.join(sorted(PRESETS))})")
         check_threshold(config.threshold)
+        if config.fraction is not None and config.router is None:
+            raise ValueError("fraction=F ranks a trained router's β; it applies to router=PATH only")
         self.config = config
         self.artifact = None
         self._preset = None
@@ -126,11 +155,15 @@ class L2cPolicy(StaticPolicy):
         if self._preset is not None:
             return self._preset  # StaticPolicy.reset refuses it for another depth or step count
         self.artifact.check(ARTIFACT_KIND, ArtifactKey.from_run(run))
+        if self.config.fraction is not None:
+            return fraction_schedule(self.artifact.tensors["logits"], self.config.fraction,
+                                     f"l2c-{Path(self.config.router).name}-f{self.config.fraction:g}")
         return router_schedule(self.artifact.tensors["logits"], self.config.threshold,
                                f"l2c-{Path(self.config.router).name}-t{self.config.threshold:g}")
 
 
 @register_policy("l2c", L2cConfig, "Learning-to-Cache: a trained router (router=PATH) or a published "
-                 "DiT-XL/2 schedule (preset=dit-xl2-ddim20/50), thresholded at θ")
+                 "DiT-XL/2 schedule (preset=dit-xl2-ddim20/50), thresholded at θ, or at the θ that reuses "
+                 "fraction=F of all sub-layer calls (to match a hand-made schedule's compute)")
 def _l2c(config: L2cConfig) -> L2cPolicy:
     return L2cPolicy(config)

@@ -6,6 +6,9 @@ there for DDIM-20 and written here for any step count:
 - rm-25: the odd steps of the first half ({1, 3, 5, 7, 9} at 20 steps);
 - rm-75: a full step every fourth step, the other three reused. EOC v3 reports a 75% setting
   whose schedule is not published; with interval 2 it cannot exceed 50%, so this is our choice.
+
+``steps=1/3/5`` reuses every sub-layer at exactly the listed steps (a hand-made schedule of any
+compute, e.g. to match a learned one); ``path=`` reads any step x block x branch map.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ PRESETS = ("rm-25", "rm-50", "rm-75")
 class RuleConfig:
     preset: Optional[str] = "rm-50"  # one of PRESETS
     path: Optional[str] = None  # a schedule JSON file (Schedule.to_json format); overrides preset
+    steps: Optional[tuple[int, ...]] = None  # fully reused steps, e.g. "1/3/5"; overrides preset
 
 
 class RulePolicy(StaticPolicy):
@@ -45,18 +49,26 @@ class RulePolicy(StaticPolicy):
     def __init__(self, config: RuleConfig, schedule: Optional[Schedule] = None):
         self.config = config
         self._fixed = schedule
+        if config.path is not None and config.steps is not None:
+            raise ValueError("rule takes path=FILE or steps=A/B/C, not both")
+        if config.steps is not None and 0 in config.steps:
+            raise ValueError("rule steps: step 0 has nothing to reuse (no feature is cached before it)")
         if schedule is None and config.path is not None:
             self._fixed = Schedule.load(config.path)
-        elif schedule is None and config.preset not in PRESETS:
+        elif schedule is None and config.steps is None and config.preset not in PRESETS:
             raise ValueError(f"unknown rule preset {config.preset!r}; choose from {list(PRESETS)} or give a path")
 
     def build(self, run: RunInfo) -> Schedule:
         if self._fixed is not None:
             return self._fixed
+        if self.config.steps is not None:
+            name = "steps-" + "-".join(str(t) for t in self.config.steps)
+            return step_schedule(run.num_steps, run.depth, self.config.steps, name)
         return step_schedule(run.num_steps, run.depth, rm_steps(self.config.preset, run.num_steps), self.config.preset)
 
 
-@register_policy("rule", RuleConfig, "an explicit step x block x branch schedule: preset rm-25/rm-50/rm-75 or a JSON file")
+@register_policy("rule", RuleConfig, "an explicit step x block x branch schedule: preset rm-25/rm-50/rm-75, steps=A/B/C (all "
+                 "sub-layers reused at those steps) or a JSON file (path=)")
 def _rule(config: RuleConfig) -> RulePolicy:
     return RulePolicy(config)
 
