@@ -1,8 +1,11 @@
 """The engine: transparent when computing everything, exact when reusing, clean to remove."""
 
+import time
+
 import pytest
 import torch
 
+from ditcache.correctors import Corrector
 from ditcache.engine import CacheEngine
 from ditcache.models.dit import modulate
 from ditcache.policies import make_policy
@@ -263,3 +266,36 @@ def test_bind_hands_the_policy_every_site_module_and_observe_can_charge_macs(dit
     assert policy.modules[Site(1, Branch.MLP)] is dit.blocks[1].mlp
     assert r["extra_macs"] == 2 * dit.depth * 7  # two steps, one charge per attention site
     assert r["macs_run"] == r["macs_total"] + r["extra_macs"]  # everything computed, plus the extra
+
+
+class _Slow(Corrector):
+    """An identity corrector that sleeps, so the engine's timing of corrector calls can be checked."""
+
+    name = "slow"
+
+    def __init__(self):
+        self.corrects = self.observes = 0
+
+    def correct(self, step, site, cached):
+        self.corrects += 1
+        time.sleep(0.002)
+        return cached
+
+    def observe(self, step, site, kind, used):
+        self.observes += 1
+        time.sleep(0.001)
+
+
+def test_time_inside_correctors_is_reported(dit):
+    with CacheEngine(dit, make_policy("fora", interval=2)) as engine:
+        trajectory(dit, engine)
+    assert engine.report()["corrector_seconds"] == 0.0  # no corrector, no timing at all
+    slow = _Slow()
+    with CacheEngine(dit, make_policy("fora", interval=2), [slow]) as engine:
+        start = time.perf_counter()
+        trajectory(dit, engine)
+        total = time.perf_counter() - start
+    spent = engine.report()["corrector_seconds"]
+    assert slow.corrects > 0 and slow.observes == STEPS * dit.depth * 2
+    # sleep() lasts at least as long as asked, and the timed calls are part of the whole run
+    assert 0.002 * slow.corrects + 0.001 * slow.observes <= spent <= total

@@ -2,7 +2,9 @@
 
 Every policy runs the same sampling job in one process, after one untimed warm-up; each is timed
 ``repeats`` times and the median kept. The table puts the measured speed-up beside the bound the
-engine's MACs counters allow (1 / macs_ratio) and their ratio, the share of the bound realised.
+engine's MACs counters allow (1 / macs_ratio) and their ratio, the share of the bound realised,
+and the share of the wall-clock spent inside the correctors (EOC, GOC), timed in the engine around
+their calls: the in-process latency overhead of a corrector, free of run-to-run noise.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class SpeedRow:
     seconds_all: list
     compute_fraction: float
     macs_ratio: float
+    corrector_seconds: float = 0.0  # median over repeats of the time inside the correctors
     speedup: float = 1.0
 
     @property
@@ -57,7 +60,8 @@ class SpeedRow:
     def as_dict(self) -> dict:
         return {"spec": self.spec, "seconds": self.seconds, "seconds_all": self.seconds_all,
                 "compute_fraction": self.compute_fraction, "macs_ratio": self.macs_ratio,
-                "speedup": self.speedup, "macs_bound": self.bound, "share_of_bound": self.speedup / self.bound}
+                "speedup": self.speedup, "macs_bound": self.bound, "share_of_bound": self.speedup / self.bound,
+                "corrector_seconds": self.corrector_seconds, "corrector_share": self.corrector_seconds / self.seconds}
 
 
 def time_policies(loaded, config: SampleConfig, specs=DEFAULT_SPECS, repeats: int = 3, device: str = "cpu",
@@ -75,12 +79,13 @@ def time_policies(loaded, config: SampleConfig, specs=DEFAULT_SPECS, repeats: in
     run(specs[0])  # warm-up: allocator, thread pool, caches
     rows = []
     for spec in specs:
-        times, result = [], None
+        times, corrector_times, result = [], [], None
         for _ in range(repeats):
             result = run(spec)
             times.append(result.seconds)
+            corrector_times.append(result.report.get("corrector_seconds", 0.0))
         rows.append(SpeedRow(spec, statistics.median(times), times, result.report.get("compute_fraction", 1.0),
-                             result.report.get("macs_ratio", 1.0)))
+                             result.report.get("macs_ratio", 1.0), statistics.median(corrector_times)))
         if progress:
             print(f"  {spec}: {rows[-1].seconds:.3f} s", flush=True)
     for row in rows:
@@ -89,9 +94,11 @@ def time_policies(loaded, config: SampleConfig, specs=DEFAULT_SPECS, repeats: in
 
 
 def speed_table(rows: list[SpeedRow]) -> str:
-    head = f"{'policy':<22}{'seconds':>9}{'compute':>9}{'MACs':>7}{'speed-up':>10}{'MACs bound':>12}{'share':>7}"
+    head = (f"{'policy':<22}{'seconds':>9}{'compute':>9}{'MACs':>7}{'speed-up':>10}{'MACs bound':>12}{'share':>7}"
+            f"{'correctors':>12}")
     lines = [head]
     for r in rows:
         lines.append(f"{r.spec:<22}{r.seconds:>9.3f}{r.compute_fraction:>9.3f}{r.macs_ratio:>7.3f}"
-                     f"{r.speedup:>9.2f}x{r.bound:>11.2f}x{r.speedup / r.bound:>7.0%}")
+                     f"{r.speedup:>9.2f}x{r.bound:>11.2f}x{r.speedup / r.bound:>7.0%}"
+                     f"{r.corrector_seconds / r.seconds:>12.2%}")
     return "\n".join(lines)

@@ -17,6 +17,7 @@ through, so the installed model behaves as the bare model.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Optional, Sequence
 
 import torch
@@ -48,6 +49,7 @@ class CacheEngine:
         self.store: dict[Site, torch.Tensor] = {}
         self.counters = Counters(self.dims)
         self.peak_bytes = 0
+        self.corrector_seconds = 0.0  # wall-clock inside the correctors' correct/observe this run
         self._step: Optional[StepInfo] = None
         self._patches = ForwardPatches()
         self._keep: dict[Site, bool] = {}
@@ -92,6 +94,7 @@ class CacheEngine:
         self.store.clear()
         self.counters = Counters(self.dims)
         self.peak_bytes = 0
+        self.corrector_seconds = 0.0  # wall-clock inside the correctors' correct/observe this run
         sites = self.adapter.site_modules(self.model)
         self.policy.bind(sites)
         self.policy.reset(info)
@@ -150,8 +153,11 @@ class CacheEngine:
                 tokens_run = tokens
             elif action.kind is Kind.REUSE:
                 out = self._stored(site, batch)
-                for corrector in self.correctors:
-                    out = corrector.correct(step, site, out)
+                if self.correctors:
+                    start = time.perf_counter()
+                    for corrector in self.correctors:
+                        out = corrector.correct(step, site, out)
+                    self.corrector_seconds += time.perf_counter() - start
                 tokens_run = 0
             else:
                 out = self._partial(site, action.tokens, original, args, kwargs)
@@ -161,8 +167,11 @@ class CacheEngine:
                 spent = self.policy.observe(step, site, action, args, out)
                 if spent:
                     self.counters.extra(step.index, spent)
-            for corrector in self.correctors:
-                corrector.observe(step, site, action.kind, out)
+            if self.correctors:
+                start = time.perf_counter()
+                for corrector in self.correctors:
+                    corrector.observe(step, site, action.kind, out)
+                self.corrector_seconds += time.perf_counter() - start
             return out
 
         return forward
@@ -204,10 +213,13 @@ class CacheEngine:
         self.peak_bytes = max(self.peak_bytes, self.memory_bytes())
 
     def report(self) -> dict:
-        """What ran in the last sampling call: compute fraction, MACs ratio, cache memory."""
+        """What ran in the last sampling call: compute fraction, MACs ratio, cache memory, and the
+        seconds spent inside the correctors (host wall-clock: exact on the CPU; on a GPU, whose
+        kernels run asynchronously, it counts only their launch cost)."""
         return {
             **self.counters.report(),
             "cache_peak_bytes": self.peak_bytes,
+            "corrector_seconds": self.corrector_seconds,
             "policy": self.policy.describe(),
             "correctors": [c.describe() for c in self.correctors],
         }

@@ -126,7 +126,8 @@ class _Totals:
     """Sums the engine's per-call counters over batches."""
 
     def __init__(self):
-        self.sums = {"sites_run": 0.0, "sites_total": 0.0, "macs_run": 0, "macs_total": 0, "extra_macs": 0}
+        self.sums = {"sites_run": 0.0, "sites_total": 0.0, "macs_run": 0, "macs_total": 0, "extra_macs": 0,
+                     "corrector_seconds": 0.0}
         self.peak = 0
 
     def add(self, report: dict) -> None:
@@ -145,6 +146,7 @@ class _Totals:
             "macs_total": s["macs_total"],
             "extra_macs": s["extra_macs"],  # policy overhead (token scoring), already inside macs_run
             "cache_peak_bytes": self.peak,
+            "corrector_seconds": s["corrector_seconds"],  # inside the correctors, part of the wall-clock
             "policy": engine.policy.describe(),
             "correctors": [c.describe() for c in engine.correctors],
         }
