@@ -1,7 +1,7 @@
 """Latency benchmark: measured wall-clock speed-up of cache policies against the MACs bound.
 
 Every policy runs the same sampling job in one process, after one untimed warm-up; each is timed
-``repeats`` times and the median kept. The table puts the measured speed-up beside the bound the
+``repeats`` times, the configurations taking turns, and the median kept. The table puts the measured speed-up beside the bound the
 engine's MACs counters allow (1 / macs_ratio) and their ratio, the share of the bound realised,
 and the share of the wall-clock spent inside the correctors (EOC, GOC), timed in the engine around
 their calls: the in-process latency overhead of a corrector, free of run-to-run noise.
@@ -77,17 +77,22 @@ def time_policies(loaded, config: SampleConfig, specs=DEFAULT_SPECS, repeats: in
             return generate(loaded, config, engine=engine, device=device)
 
     run(specs[0])  # warm-up: allocator, thread pool, caches
-    rows = []
-    for spec in specs:
-        times, corrector_times, result = [], [], None
-        for _ in range(repeats):
+    # round-robin: repeat r of every spec runs before repeat r + 1 of any, so a machine that speeds
+    # up or slows down during the benchmark biases no configuration against another
+    times = {spec: [] for spec in specs}
+    corrector_times = {spec: [] for spec in specs}
+    reports = {}
+    for r in range(repeats):
+        for spec in specs:
             result = run(spec)
-            times.append(result.seconds)
-            corrector_times.append(result.report.get("corrector_seconds", 0.0))
-        rows.append(SpeedRow(spec, statistics.median(times), times, result.report.get("compute_fraction", 1.0),
-                             result.report.get("macs_ratio", 1.0), statistics.median(corrector_times)))
-        if progress:
-            print(f"  {spec}: {rows[-1].seconds:.3f} s", flush=True)
+            times[spec].append(result.seconds)
+            corrector_times[spec].append(result.report.get("corrector_seconds", 0.0))
+            reports[spec] = result.report
+            if progress:
+                print(f"  repeat {r + 1}/{repeats} {spec}: {result.seconds:.3f} s", flush=True)
+    rows = [SpeedRow(spec, statistics.median(times[spec]), times[spec], reports[spec].get("compute_fraction", 1.0),
+                     reports[spec].get("macs_ratio", 1.0), statistics.median(corrector_times[spec]))
+            for spec in specs]
     for row in rows:
         row.speedup = rows[0].seconds / row.seconds
     return rows
