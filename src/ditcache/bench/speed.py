@@ -1,10 +1,11 @@
 """Latency benchmark: measured wall-clock speed-up of cache policies against the MACs bound.
 
 Every policy runs the same sampling job in one process, after one untimed warm-up; each is timed
-``repeats`` times, the configurations taking turns, and the median kept. The table puts the measured speed-up beside the bound the
-engine's MACs counters allow (1 / macs_ratio) and their ratio, the share of the bound realised,
-and the share of the wall-clock spent inside the correctors (EOC, GOC), timed in the engine around
-their calls: the in-process latency overhead of a corrector, free of run-to-run noise.
+``repeats`` times, the configurations taking turns, and the median kept. The table puts the
+measured speed-up beside the bound the engine's MACs counters allow (1 / macs_ratio), their ratio
+(the share of the bound realised), and the share of the wall-clock spent inside the correctors
+(EOC, GOC), timed in the engine around their calls: the in-process latency overhead of a
+corrector, free of run-to-run noise.
 """
 
 from __future__ import annotations
@@ -79,20 +80,18 @@ def time_policies(loaded, config: SampleConfig, specs=DEFAULT_SPECS, repeats: in
     run(specs[0])  # warm-up: allocator, thread pool, caches
     # round-robin: repeat r of every spec runs before repeat r + 1 of any, so a machine that speeds
     # up or slows down during the benchmark biases no configuration against another
-    times = {spec: [] for spec in specs}
-    corrector_times = {spec: [] for spec in specs}
-    reports = {}
+    results = {spec: [] for spec in specs}
     for r in range(repeats):
         for spec in specs:
-            result = run(spec)
-            times[spec].append(result.seconds)
-            corrector_times[spec].append(result.report.get("corrector_seconds", 0.0))
-            reports[spec] = result.report
+            results[spec].append(run(spec))
             if progress:
-                print(f"  repeat {r + 1}/{repeats} {spec}: {result.seconds:.3f} s", flush=True)
-    rows = [SpeedRow(spec, statistics.median(times[spec]), times[spec], reports[spec].get("compute_fraction", 1.0),
-                     reports[spec].get("macs_ratio", 1.0), statistics.median(corrector_times[spec]))
-            for spec in specs]
+                print(f"  repeat {r + 1}/{repeats} {spec}: {results[spec][-1].seconds:.3f} s", flush=True)
+    rows = []
+    for spec, runs in results.items():
+        report = runs[-1].report
+        rows.append(SpeedRow(spec, statistics.median(x.seconds for x in runs), [x.seconds for x in runs],
+                             report.get("compute_fraction", 1.0), report.get("macs_ratio", 1.0),
+                             statistics.median(x.report.get("corrector_seconds", 0.0) for x in runs)))
     for row in rows:
         row.speedup = rows[0].seconds / row.seconds
     return rows

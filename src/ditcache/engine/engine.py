@@ -94,7 +94,7 @@ class CacheEngine:
         self.store.clear()
         self.counters = Counters(self.dims)
         self.peak_bytes = 0
-        self.corrector_seconds = 0.0  # wall-clock inside the correctors' correct/observe this run
+        self.corrector_seconds = 0.0
         sites = self.adapter.site_modules(self.model)
         self.policy.bind(sites)
         self.policy.reset(info)

@@ -55,15 +55,19 @@ def router_schedule(logits: torch.Tensor, threshold: float = DEFAULT_THRESHOLD, 
     other step computes everything.
     """
     check_threshold(threshold)
+    beta = router_betas(logits)
+    cached = np.zeros(beta.shape, dtype=bool)
+    for step in cache_steps(beta.shape[0]):
+        cached[step] = beta[step] <= threshold
+    return Schedule(cached, name)
+
+
+def router_betas(logits: torch.Tensor) -> np.ndarray:
+    """β = sigmoid(logit) of router logits (steps, 2·depth), as (steps, depth, [attn, mlp])."""
     logits = torch.as_tensor(logits).detach().float().cpu()
     if logits.dim() != 2 or logits.shape[1] % 2:
         raise ValueError(f"router logits must be (steps, 2 * depth), got {tuple(logits.shape)}")
-    steps, depth = logits.shape[0], logits.shape[1] // 2
-    beta = torch.sigmoid(logits).numpy().reshape(steps, depth, 2)  # (steps, depth, [attn, mlp])
-    cached = np.zeros((steps, depth, 2), dtype=bool)
-    for step in cache_steps(steps):
-        cached[step] = beta[step] <= threshold
-    return Schedule(cached, name)
+    return torch.sigmoid(logits).numpy().reshape(logits.shape[0], logits.shape[1] // 2, 2)
 
 
 def fraction_schedule(logits: torch.Tensor, fraction: float, name: str = "l2c") -> Schedule:
@@ -73,22 +77,19 @@ def fraction_schedule(logits: torch.Tensor, fraction: float, name: str = "l2c") 
     chosen so the schedule reuses round(fraction · steps · 2 · depth) sub-layers: the way to put a
     router's schedule beside a hand-made one of the same compute. Ties keep (step, block, branch) order.
     """
-    logits = torch.as_tensor(logits).detach().float().cpu()
-    if logits.dim() != 2 or logits.shape[1] % 2:
-        raise ValueError(f"router logits must be (steps, 2 * depth), got {tuple(logits.shape)}")
-    steps, depth = logits.shape[0], logits.shape[1] // 2
+    beta = router_betas(logits)
+    steps = beta.shape[0]
     odd = cache_steps(steps)
-    limit = len(odd) * 2 * depth / (steps * 2 * depth)
+    limit = len(odd) / steps
     if not 0.0 <= fraction <= limit:
         raise ValueError(f"an L2C schedule reuses only at its {len(odd)} cache steps of {steps}, so the "
                          f"reused fraction must be in [0, {limit:.3f}], got {fraction}")
-    count = int(round(fraction * steps * 2 * depth))
-    beta = torch.sigmoid(logits[odd]).numpy().reshape(-1)  # (len(odd) * 2 * depth,) in (step, block, branch) order
-    chosen = np.argsort(beta, kind="stable")[:count]
-    flat = np.zeros(beta.shape, dtype=bool)
+    candidates = beta[odd].reshape(-1)  # the cache steps' β in (step, block, branch) order
+    chosen = np.argsort(candidates, kind="stable")[:int(round(fraction * beta.size))]
+    flat = np.zeros(candidates.shape, dtype=bool)
     flat[chosen] = True
-    cached = np.zeros((steps, depth, 2), dtype=bool)
-    cached[odd] = flat.reshape(len(odd), depth, 2)
+    cached = np.zeros(beta.shape, dtype=bool)
+    cached[odd] = flat.reshape(beta[odd].shape)
     return Schedule(cached, name)
 
 
