@@ -26,7 +26,7 @@ from torch import nn
 from ..adapters import Adapter, adapter_for
 from ..correctors import Corrector
 from ..policies import Policy
-from ..types import MLP_ONLY_PARTIAL, TRUNK, Branch, Kind, RunInfo, Site, StepInfo
+from ..types import TOKENWISE, TRUNK, Kind, RunInfo, Site, StepInfo
 from .counters import Counters
 from .patching import ForwardPatches, claim, release
 
@@ -46,6 +46,7 @@ class CacheEngine:
         self.correctors = list(correctors)
         self.adapter = adapter or adapter_for(model)
         self.dims = self.adapter.dims(model)
+        self.branches = self.adapter.branches(model)
         self.store: dict[Site, torch.Tensor] = {}
         self.counters = Counters(self.dims)
         self.peak_bytes = 0
@@ -60,6 +61,14 @@ class CacheEngine:
         """Tell the engine which model it is on, so artifacts can be checked against the run."""
         self.model_info = {"fingerprint": fingerprint, "resolution": int(resolution)}
         return self
+
+    def set_tokens(self, num_tokens: int, text_tokens: Optional[int] = None) -> None:
+        """The token counts of the coming run, where they follow the input (a pipeline's resolution,
+        its caption length) rather than the model's configured size; call before ``begin_run``."""
+        changes = {"num_tokens": int(num_tokens)}
+        if text_tokens is not None:
+            changes["text_tokens"] = int(text_tokens)
+        self.dims = dataclasses.replace(self.dims, **changes)
 
     # -- installation -------------------------------------------------------------------------
     def install(self) -> "CacheEngine":
@@ -89,7 +98,8 @@ class CacheEngine:
         """Reset all per-sample state; nothing leaks from one sampling call to the next."""
         if not self._patches:
             raise RuntimeError("install() the engine before sampling with it")
-        info = dataclasses.replace(info, depth=self.dims.depth, num_tokens=self.dims.num_tokens, **self.model_info)
+        info = dataclasses.replace(info, depth=self.dims.depth, num_tokens=self.dims.num_tokens,
+                                   branches=self.branches, **self.model_info)
         self.run = info
         self.store.clear()
         self.counters = Counters(self.dims)
@@ -125,7 +135,7 @@ class CacheEngine:
                 self._trunk_reused = self.policy.uses_trunk and self.policy.trunk_action(step).kind is Kind.REUSE
             if self._trunk_reused:
                 self.counters.block(step.index, batch, skipped=True)
-                for branch in (Branch.ATTN, Branch.MLP):
+                for branch in self.branches:
                     self.counters.site(step.index, branch, batch, 0)
                 # the whole stack is skipped: pass the stream through, the last block hands back
                 # the stored output of the block stack
@@ -178,8 +188,8 @@ class CacheEngine:
 
     def _partial(self, site: Site, tokens: torch.Tensor, original, args, kwargs) -> torch.Tensor:
         """Run a token-wise sub-module on the chosen tokens only and scatter into the cache."""
-        if site.branch not in MLP_ONLY_PARTIAL:
-            raise ValueError(f"PARTIAL needs a token-wise sub-module; {site} is not (only MLP sites are)")
+        if site.branch not in TOKENWISE:
+            raise ValueError(f"PARTIAL needs a token-wise sub-module; {site} is not (MLP and cross-attention sites are)")
         if not args:
             raise ValueError("PARTIAL needs the sub-module's input as its first positional argument")
         x = args[0]  # (B, N, C)

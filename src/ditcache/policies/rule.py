@@ -63,8 +63,9 @@ class RulePolicy(StaticPolicy):
             return self._fixed
         if self.config.steps is not None:
             name = "steps-" + "-".join(str(t) for t in self.config.steps)
-            return step_schedule(run.num_steps, run.depth, self.config.steps, name)
-        return step_schedule(run.num_steps, run.depth, rm_steps(self.config.preset, run.num_steps), self.config.preset)
+            return step_schedule(run.num_steps, run.depth, self.config.steps, name, len(run.branches))
+        steps = rm_steps(self.config.preset, run.num_steps)
+        return step_schedule(run.num_steps, run.depth, steps, self.config.preset, len(run.branches))
 
 
 @register_policy("rule", RuleConfig, "an explicit step x block x branch schedule: preset rm-25/rm-50/rm-75, steps=A/B/C (all "

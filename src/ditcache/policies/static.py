@@ -16,7 +16,7 @@ class StaticPolicy(Policy):
     def reset(self, run: RunInfo) -> None:
         super().reset(run)
         schedule = self.build(run)
-        schedule.check_fits(run.num_steps, run.depth)
+        schedule.check_fits(run.num_steps, run.depth, run.branches)
         self._schedule = schedule
         self._reused_sites = {site for i in range(run.num_steps) for site in schedule.cached_sites(i)}
 
