@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ..correctors.base import CORRECTORS
+from ..pipelines.sampling import SCHEDULERS, is_pipeline_folder
 from ..policies.base import POLICIES
 from ..registry import describe_registry, parse_spec
 from ..sampling.generate import SampleConfig
@@ -33,6 +35,28 @@ def add_sampling_args(p: argparse.ArgumentParser, num_samples: int = 16) -> None
     g.add_argument("--seed", type=int, default=0, help="global seed; sample i's noise depends only on (seed, i)")
     g.add_argument("--num-samples", type=int, default=num_samples, help=f"images to sample (default: {num_samples})")
     g.add_argument("--batch-size", type=int, default=64, help="images per forward batch (default: 64)")
+
+
+def add_pipeline_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "diffusers pipelines", "With --model a diffusers pipeline folder (or hub id) and --prompt/--prompts or "
+        "--scheduler, the pipeline's own __call__ and scheduler sample, with the cache enabled on it.")
+    g.add_argument("--prompt", action="append", default=[], help="a text prompt; repeatable")
+    g.add_argument("--prompts", default=None, help="a text file with one prompt per line")
+    g.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS),
+                   help="replace the pipeline's scheduler for this run (default: the pipeline's own)")
+    g.add_argument("--height", type=int, default=None, help="image height in pixels (default: the pipeline's)")
+    g.add_argument("--width", type=int, default=None, help="image width in pixels (default: the pipeline's)")
+
+
+def wants_pipeline(args) -> bool:
+    """Pipeline mode: prompts or a scheduler were given, or the model is a text-to-image pipeline folder."""
+    if args.prompt or args.prompts or args.scheduler:
+        return True
+    if is_pipeline_folder(args.model):
+        index = json.loads((Path(args.model) / "model_index.json").read_text())
+        return "text_encoder" in index
+    return False
 
 
 def add_cache_args(p: argparse.ArgumentParser) -> None:

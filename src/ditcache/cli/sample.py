@@ -13,13 +13,15 @@ from ..images import grid, save_png
 from ..models.loading import load_model
 from ..policies.schedule import write_json_atomic
 from ..sampling.sharded import assemble, barrier, claim_folder, init_distributed, run_shard, sum_reports
-from .common import add_cache_args, add_model_args, add_sampling_args, build_cache, cache_tag, print_json, sample_config
+from .common import (add_cache_args, add_model_args, add_pipeline_args, add_sampling_args, build_cache, cache_tag,
+                     print_json, sample_config, wants_pipeline)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "sample", help="sample images, optionally with a feature cache",
-        description="Sample class-conditional images and report how much computation the cache skipped. "
+        description="Sample class-conditional images (or, with a diffusers pipeline and --prompt, text-to-image) "
+                    "and report how much computation the cache skipped. "
                     "Writes grid.png, samples.npz (ADM format: uint8 NHWC under arr_0, plus labels) and "
                     "report.json into --out. Batches are written as they finish, so rerunning the same "
                     "command resumes an interrupted run. For many samples on several GPUs or processes, "
@@ -28,6 +30,7 @@ def add_parser(sub) -> None:
         formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     add_model_args(p)
     add_sampling_args(p)
+    add_pipeline_args(p)
     add_cache_args(p)
     p.add_argument("--out", default=None, help="output folder (default: runs/<model>-<sampling>-<cache>)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
@@ -36,6 +39,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    if wants_pipeline(args):
+        from .sample_pipeline import run_pipeline
+
+        return run_pipeline(args)
     config = sample_config(args)
     policy, correctors = build_cache(args.policy, args.corrector)
     rank, world = init_distributed(args.device)
