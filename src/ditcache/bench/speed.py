@@ -77,6 +77,12 @@ def time_policies(loaded, config: SampleConfig, specs=DEFAULT_SPECS, repeats: in
         with CacheEngine(loaded.module, policy, correctors) as engine:
             return generate(loaded, config, engine=engine, device=device)
 
+    return round_robin(run, specs, repeats, progress)
+
+
+def round_robin(run, specs, repeats: int = 3, progress: bool = True) -> list[SpeedRow]:
+    """Time ``run(spec)`` (which returns an object with ``seconds`` and ``report``) for every spec after
+    one warm-up of the first; speed-ups are against the first spec."""
     run(specs[0])  # warm-up: allocator, thread pool, caches
     # round-robin: repeat r of every spec runs before repeat r + 1 of any, so a machine that speeds
     # up or slows down during the benchmark biases no configuration against another

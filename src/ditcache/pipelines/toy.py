@@ -97,3 +97,28 @@ def pixart_pipeline(depth: int = 2, hidden: int = 32, heads: int = 2, sample_siz
         transformer=pixart_transformer(depth, hidden, heads, sample_size, text_width, seed), scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def pixart_alpha_shaped(depth: int = 28, latent: int = 64, text_tokens: int = 120, seed: int = 0):
+    """A ``PixArtAlphaPipeline`` around a PixArt-alpha-shaped transformer with random weights (hidden
+    1152, 16 heads, 4096-d captions; latent 64 = 1024 image tokens, 512 px) and no text encoder or
+    VAE: it is called with ``caption_inputs`` and returns latents. For timing: speed does not depend
+    on the weights' values."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
+
+    transformer = pixart_transformer(depth=depth, hidden=1152, heads=16, sample_size=latent, caption_channels=4096,
+                                     seed=seed, wake=0.02)
+    transformer.config.caption_channels = 4096
+    pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                               scheduler=DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def caption_inputs(batch: int, text_tokens: int = 120, width: int = 4096, seed: int = 0) -> dict:
+    """Random caption features and masks in place of a T5 encoder's, for a text pipeline's call."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, text_tokens, dtype=torch.long)
+    return {"prompt_embeds": torch.randn(batch, text_tokens, width, generator=g) * 0.1, "prompt_attention_mask": mask,
+            "negative_prompt_embeds": torch.randn(batch, text_tokens, width, generator=g) * 0.1,
+            "negative_prompt_attention_mask": mask.clone()}
