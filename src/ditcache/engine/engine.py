@@ -123,7 +123,7 @@ class CacheEngine:
             if index == 0:
                 self.counters.forward(step.index, batch)
                 self._trunk_reused = self.policy.uses_trunk and self.policy.trunk_action(step).kind is Kind.REUSE
-            if self._trunk_reused:
+            if self._trunk_reused and not self.policy.runs_in_reused_trunk(step, index):
                 self.counters.block(step.index, batch, skipped=True)
                 for branch in (Branch.ATTN, Branch.MLP):
                     self.counters.site(step.index, branch, batch, 0)
@@ -132,6 +132,10 @@ class CacheEngine:
                 return self._stored(TRUNK, batch) if index == depth - 1 else hidden
             self.counters.block(step.index, batch, skipped=False)
             out = original(*args, **kwargs)
+            if self._trunk_reused:
+                # a block the policy runs although the stack is reused: its sites are computed and
+                # stored as usual, its output goes nowhere
+                return self._stored(TRUNK, batch) if index == depth - 1 else hidden
             if index == depth - 1 and self.policy.uses_trunk:
                 self.store[TRUNK] = out
             return out
