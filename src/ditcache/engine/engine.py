@@ -98,7 +98,9 @@ class CacheEngine:
         sites = self.adapter.site_modules(self.model)
         self.policy.bind(sites)
         self.policy.reset(info)
+        schedule = self.policy.schedule()  # None for dynamic policies
         for corrector in self.correctors:
+            corrector.bind(schedule)
             corrector.reset(info)
         self._keep = {site: self.policy.may_reuse(site) for site in sites}
         self._observes = type(self.policy).observe is not Policy.observe
