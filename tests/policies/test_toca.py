@@ -114,7 +114,7 @@ def test_interval_rule():
     assert [interval_at(r, 50, 7) for r in (9, 10, 19, 20)] == [6, 2, 2, 6]
     # integer bounds: at T = 9 the window is range(1, 3), not 1.8 <= r < 3.6
     assert [interval_at(r, 9, 7) for r in (1, 2, 3)] == [2, 2, 6]  # r = 1: not round(7 / 1.31) = 5; r = 3: 6
-    # float32 as the code's torch.tensor: 3 / (1.4 - 0.8 * 11/12) is 4.5000000000000001 in float64 (rounds
+    # float32 as the code's torch.tensor: 3 / (1.4 - 0.8 * 11/12) is 4.500000000000001 in float64 (rounds
     # to 5) and exactly 4.5 in float32, which torch.round takes to the even 4
     assert interval_at(11, 12, 3) == 4
     # ratio 0 is the code's FORA mode: I = N at every step, no window

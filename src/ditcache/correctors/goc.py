@@ -20,7 +20,9 @@ Which reused sites are compensated (``branches``):
   engine hands over (``bind``); with a dynamic policy (ToCa, DuCa) it is an error at the first reuse.
   On the published DDIM-20 L2C schedule that is 168 compensated sub-layers of the 191 reused at
   the published steps.
-- ``each``: every reused sub-layer (our earlier reading; 191 there).
+- ``each``: every reused sub-layer (our earlier reading; 191 there). On the default model it recovers
+  more of the reuse error on a learned schedule (docs/results.md: about +4 dB PSNR to uncached), so
+  it stays as an option.
 On rule / FORA schedules a block always reuses both branches together, so the two are the same.
 
 Inflection-Aware Optimization (§5.2): compensation is allowed only at some steps, from one of
