@@ -136,8 +136,9 @@ class CacheEngine:
             out = original(*args, **kwargs)
             if self._trunk_reused:
                 # a block the policy runs although the stack is reused: its sites are computed and
-                # stored as usual, its output goes nowhere
-                return self._stored(TRUNK, batch) if index == depth - 1 else hidden
+                # stored as usual; its output passes through the skipped blocks and the last block
+                # still hands back the stored stack output
+                return self._stored(TRUNK, batch) if index == depth - 1 else out
             if index == depth - 1 and self.policy.uses_trunk:
                 self.store[TRUNK] = out
             return out
