@@ -218,13 +218,15 @@ def test_trunk_reuse_returns_the_stored_stack_output(dit):
             x = x - 0.1 * out[:, : dit.in_channels]
 
 
-def test_a_block_that_runs_in_a_reused_trunk_computes_its_sites_and_changes_no_output(dit):
-    """DuCa's mixed step: block 0 runs (its sites computed and stored), the stack output is still reused."""
+@pytest.mark.parametrize("running", [(0,), (0, 2)])
+def test_a_block_that_runs_in_a_reused_trunk_computes_its_sites_and_changes_no_output(dit, running):
+    """DuCa's mixed step: block 0 runs (its sites computed and stored), the stack output is still reused,
+    also when the last block runs."""
     seen = {}
 
     class RunsFirst(_Scripted):
         def runs_in_reused_trunk(self, step, block):
-            return block == 0
+            return block in running
 
         def observe(self, step, site, action, inputs, output):
             seen[(step.index, site)] = action.kind
@@ -236,9 +238,9 @@ def test_a_block_that_runs_in_a_reused_trunk_computes_its_sites_and_changes_no_o
         outs = trajectory(dit, engine, steps=3)
         fractions = engine.report()["per_step_compute_fraction"]
     assert all(torch.equal(a, b) for a, b in zip(outs, expected))  # the output is the reused stack's
-    assert fractions == [1.0, 1.0, pytest.approx(2 / (2 * dit.depth))]  # block 0's two sites ran
-    assert {s: k for (i, s), k in seen.items() if i == 2} == {Site(0, Branch.ATTN): Kind.COMPUTE,
-                                                             Site(0, Branch.MLP): Kind.COMPUTE}
+    assert fractions == [1.0, 1.0, pytest.approx(len(running) / dit.depth)]  # the running blocks' sites
+    assert {s: k for (i, s), k in seen.items() if i == 2} == {Site(b, br): Kind.COMPUTE for b in running
+                                                             for br in (Branch.ATTN, Branch.MLP)}
 
 
 def test_reuse_before_compute_is_a_clear_error(dit):
