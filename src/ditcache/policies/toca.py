@@ -138,7 +138,7 @@ def fresh_counts(types: str, depth: int, num_tokens: int, ratio: float, schedule
 @dataclass(frozen=True)
 class TocaConfig:
     interval: int = 3  # N, the base full-step interval (--fresh-threshold); README DDIM-50 value
-    ratio: float = 0.07  # R, the base fresh ratio (README DDIM-50)
+    ratio: float = 0.07  # R, the base fresh ratio (README DDIM-50); 0 is the code's FORA mode: interval N throughout
     score: str = "attention"  # token score: attention (s1) | vnorm | random
     freq_weight: float = 0.25  # λ3 of the cache-frequency score s3 (--soft-fresh-weight)
     bonus: float = 0.6  # s4 spatial-uniformity bonus
