@@ -68,3 +68,16 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys, model_file, args, messag
 def test_missing_checkpoint_says_what_to_download(tmp_path, capsys):
     assert main(["sample", "--model", str(tmp_path / "DiT-XL-2-256x256.pt"), "--out", str(tmp_path / "x")]) == 2
     assert "dl.fbaipublicfiles.com" in capsys.readouterr().err
+
+
+def test_an_unofficial_checkpoint_needs_num_heads(tmp_path, capsys):
+    """An official-format .pt whose size is no official DiT: a one-line error naming --num-heads, then it runs."""
+    import torch
+
+    torch.save(tiny_dit(depth=2, hidden=32, heads=2, size=8, patch=2, channels=1, classes=4).state_dict(),
+               tmp_path / "tiny.pt")
+    args = ["sample", "--model", str(tmp_path / "tiny.pt"), "--num-samples", "2", "--steps", "2"]
+    assert main([*args, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "--num-heads" in err and len(err.strip().splitlines()) == 1
+    assert main([*args, "--num-heads", "2", "--out", str(tmp_path / "y"), "--json"]) == 0

@@ -11,7 +11,7 @@ from ..bench.pipeline_speed import PIPELINE_SPECS, time_pipeline
 from ..bench.speed import BARE, DEFAULT_SPECS, random_dit, speed_table, time_policies
 from ..models.loading import load_model
 from ..sampling.generate import SampleConfig
-from .common import print_json
+from .common import add_num_heads_arg, print_json
 
 
 def add_parser(sub) -> None:
@@ -25,6 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("--cache", action="append", default=None, metavar="CACHE",
                    help=f"configuration to time (repeatable; default: {', '.join(DEFAULT_SPECS)})")
     p.add_argument("--model", default="mnist", help="the small model (default: mnist)")
+    add_num_heads_arg(p)
     p.add_argument("--xl", default="DiT-XL/2", help="size preset of the random-weight model; 'skip' to skip it")
     p.add_argument("--xl-steps", type=int, default=8, help="DDIM steps for the large model (default: 8)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps for the small model (default: 20)")
@@ -69,7 +70,7 @@ def run(args) -> int:
     jobs = []
     if args.xl != "skip":
         jobs.append(("large", random_dit(args.xl), SampleConfig(num_samples=1, batch_size=1, steps=args.xl_steps, cfg_scale=1.5)))
-    jobs.append(("small", load_model(args.model, device=args.device),
+    jobs.append(("small", load_model(args.model, device=args.device, num_heads=args.num_heads),
                  SampleConfig(num_samples=args.batch_size, batch_size=args.batch_size, steps=args.steps, cfg_scale=1.5)))
     for label, loaded, config in jobs:
         loaded.module.to(args.device)

@@ -71,7 +71,7 @@ def _set_help(parser: argparse.ArgumentParser, dest: str, text: str) -> None:
 def run_eoc(args) -> int:
     config = sample_config(args)
     # the VAE only decodes images, which a prior does not need
-    loaded = load_model(args.model, vae=None, device=args.device)
+    loaded = load_model(args.model, vae=None, device=args.device, num_heads=args.num_heads)
     out = args.out or f"runs/prior-{loaded.name}-{config.sampler}{config.steps}-cfg{config.cfg_scale:g}"
     result = extract_prior(loaded, config, out, dtype=args.dtype, progress=not (args.json or args.no_progress),
                            checkpoint_every=args.checkpoint_every, max_batches=args.max_batches, device=args.device)

@@ -20,8 +20,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="mnist",
                    help="'mnist' (the embedded default), an official DiT .pt checkpoint, our .safetensors, "
                         "or a diffusers DiT directory / hub id (default: mnist)")
+    add_num_heads_arg(g)
     g.add_argument("--vae", default="ema", help="VAE for latent models: ema, mse or a local path (default: ema)")
     g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+
+
+def add_num_heads_arg(p) -> None:
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="attention heads of an official-format checkpoint (.pt) whose size is not an official "
+                        "DiT-S/B/L/XL: the weights do not store it (default: the official size's count)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, num_samples: int = 16) -> None:

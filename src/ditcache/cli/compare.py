@@ -36,7 +36,7 @@ def run(args) -> int:
         raise ValueError("compare takes its configurations from --cache, not --policy/--corrector")
     if not args.cache:
         raise ValueError("give at least one --cache configuration to compare with the uncached baseline")
-    loaded = load_model(args.model, vae=args.vae, device=args.device)
+    loaded = load_model(args.model, vae=args.vae, device=args.device, num_heads=args.num_heads)
     options = CompareOptions(fid=args.fid, reference=args.reference, reference_limit=args.reference_limit,
                              device=args.device, progress=not args.json)
     rows = compare(loaded, sample_config(args), args.cache, args.out, options)

@@ -46,7 +46,7 @@ def run(args) -> int:
     config = sample_config(args)
     policy, correctors = build_cache(args.policy, args.corrector)
     rank, world = init_distributed(args.device)
-    loaded = load_model(args.model, vae=args.vae, device=args.device)
+    loaded = load_model(args.model, vae=args.vae, device=args.device, num_heads=args.num_heads)
     config.validate(loaded.num_classes)
     tag = cache_tag(policy, correctors)
     out = Path(args.out or f"runs/{loaded.name}-{config.tag()}-{tag}")

@@ -15,7 +15,7 @@ from ..policies.schedule import Schedule
 from ..registry import describe_registry, parse_spec
 from ..sampling.loops import SAMPLERS, respaced_diffusion
 from ..types import RunInfo
-from .common import print_json
+from .common import add_num_heads_arg, print_json
 
 
 def add_parser(sub) -> None:
@@ -32,6 +32,7 @@ def add_parser(sub) -> None:
     p.add_argument("--depth", type=int, default=None,
                    help="number of blocks; without it the depth of --model is used")
     p.add_argument("--model", default="mnist", help="model whose depth (and key, for routers) to use (default: mnist)")
+    add_num_heads_arg(p)
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="sampler of the run (default: ddim)")
     p.add_argument("--cfg-scale", type=float, default=1.5, help="guidance scale of the run (default: 1.5)")
     p.add_argument("--json", action="store_true", help="print the schedule's JSON instead of the map")
@@ -59,7 +60,7 @@ def run_info(args, policy) -> RunInfo:
     from ..models.loading import load_model
 
     try:
-        loaded = load_model(args.model, vae=None)
+        loaded = load_model(args.model, vae=None, num_heads=args.num_heads)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{err} (or pass --depth to show a schedule without a model)") from None
     depth = len(adapter_for(loaded.module).blocks(loaded.module))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..calibration.train_router import DATA_MODES, PAPER_L1, RouterConfig, RouterTrainer
 from ..models.loading import load_model
-from .common import print_json
+from .common import add_num_heads_arg, print_json
 
 
 def add_parser(sub) -> None:
@@ -26,6 +26,7 @@ def add_parser(sub) -> None:
                     "router artifact OUT/router, used with --policy l2c:router=OUT/router.\n"
                     "Data-parallel: torchrun --nproc_per_node=N -m ditcache.cli.main train-router ...")
     p.add_argument("--model", default="mnist", help="model to train the router for (default: mnist)")
+    add_num_heads_arg(p)
     p.add_argument("--device", default="cpu", help="torch device; under torchrun 'cuda' means cuda:LOCAL_RANK")
     p.add_argument("--steps", type=int, default=d.steps, help=f"DDIM steps (default: {d.steps})")
     p.add_argument("--cfg-scale", type=float, default=d.cfg_scale,
@@ -77,7 +78,7 @@ def run(args) -> int:
                           checkpoint_every=args.checkpoint_every)
     device, distributed = _distributed(args.device)
     try:
-        loaded = load_model(args.model, vae=None, device=device)
+        loaded = load_model(args.model, vae=None, device=device, num_heads=args.num_heads)
         out = Path(args.out or f"runs/l2c-{loaded.name}-ddim{config.steps}-{config.data}")
         trainer = RouterTrainer(loaded, config, out, progress=not (args.no_progress or args.json))
         artifact = trainer.train(max_minutes=args.max_minutes, progress=not (args.no_progress or args.json))

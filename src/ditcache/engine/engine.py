@@ -108,7 +108,9 @@ class CacheEngine:
         sites = self.adapter.site_modules(self.model)
         self.policy.bind(sites)
         self.policy.reset(info)
+        schedule = self.policy.schedule()  # None for dynamic policies
         for corrector in self.correctors:
+            corrector.bind(schedule)
             corrector.reset(info)
         self._keep = {site: self.policy.may_reuse(site) for site in sites}
         self._observes = type(self.policy).observe is not Policy.observe
@@ -133,7 +135,7 @@ class CacheEngine:
             if index == 0:
                 self.counters.forward(step.index, batch)
                 self._trunk_reused = self.policy.uses_trunk and self.policy.trunk_action(step).kind is Kind.REUSE
-            if self._trunk_reused:
+            if self._trunk_reused and not self.policy.runs_in_reused_trunk(step, index):
                 self.counters.block(step.index, batch, skipped=True)
                 for branch in self.branches:
                     self.counters.site(step.index, branch, batch, 0)
@@ -142,6 +144,11 @@ class CacheEngine:
                 return self._stored(TRUNK, batch) if index == depth - 1 else hidden
             self.counters.block(step.index, batch, skipped=False)
             out = original(*args, **kwargs)
+            if self._trunk_reused:
+                # a block the policy runs although the stack is reused: its sites are computed and
+                # stored as usual; its output passes through the skipped blocks and the last block
+                # still hands back the stored stack output
+                return self._stored(TRUNK, batch) if index == depth - 1 else out
             if index == depth - 1 and self.policy.uses_trunk:
                 self.store[TRUNK] = out
             return out

@@ -40,6 +40,12 @@ class Policy:
     def trunk_action(self, step: StepInfo) -> Action:
         return COMPUTE
 
+    def runs_in_reused_trunk(self, step: StepInfo, block: int) -> bool:
+        """At a step whose trunk is reused, True for a block that still runs: its sites are asked for
+        their actions and stored as usual, and its output is discarded (DuCa's layer 0 that
+        re-initialises the interval at an aggressive step)."""
+        return False
+
     def may_reuse(self, site: Site) -> bool:
         """False when this policy never reuses the site, so the engine need not store it."""
         return False
