@@ -69,3 +69,89 @@ def test_selection_is_shared_by_the_halves_and_ages_reset_where_computed():
     # normalised 1 + entropy: 0.256 for the 15 uniform tokens, 0.141 for token 5; its age adds 1.0 * 1/3,
     # so the next selection takes token 5
     assert scorer.select(0, Branch.MLP, 1)[0].item() == 5
+
+
+# -- the policy on a PixArt pipeline ------------------------------------------------------------------
+import ditcache  # noqa: E402
+from ditcache.pipelines.toy import pixart_pipeline, pixart_transformer  # noqa: E402
+from ditcache.policies import make_policy  # noqa: E402
+from ditcache.types import Kind  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return pixart_pipeline(depth=3)
+
+
+def run(pipe, steps=20):
+    g = torch.Generator().manual_seed(0)
+    return pipe(["a photo of a cat", "a red car"], num_inference_steps=steps, guidance_scale=4.5, generator=g,
+                height=16, width=16, use_resolution_binning=False, clean_caption=False, output_type="np").images
+
+
+class Spy:
+    """Wraps a policy's action to record every decision."""
+
+    def __init__(self, policy):
+        self.policy, self.actions = policy, []
+        original = policy.action
+
+        def action(step, site):
+            chosen = original(step, site)
+            self.actions.append((step.index, site, chosen))
+            return chosen
+
+        policy.action = action
+
+
+@pytest.mark.parametrize("name", ["toca", "duca"])
+def test_pixart_runs_compute_exactly_the_planned_tokens(pipe, name):
+    policy = make_policy(name)
+    spy = Spy(policy)
+    with ditcache.enable(pipe, policy) as handle:
+        run(pipe)
+    plan = policy.pixart
+    n, depth, batch = 16, 3, 4  # 8x8 latent / patch 2; 2 prompts with guidance
+    expected = 0.0
+    for step, code in enumerate(plan.types):
+        if code == "a":
+            continue  # aggressive: the whole trunk is reused, no site runs
+        for layer in range(depth):
+            kind = plan.layer_type(code, layer)
+            if kind == "f":
+                expected += 3
+            elif kind == "p":
+                expected += (plan.fresh[Branch.CROSS][step, layer] + plan.fresh[Branch.MLP][step, layer]) / n
+    report = handle.report()
+    assert report["sites_total"] == 20 * depth * 3 * batch
+    assert report["sites_run"] == pytest.approx(expected * batch)
+    partial = [(s, site, a) for s, site, a in spy.actions if a.kind is Kind.PARTIAL]
+    assert partial and {site.branch for _, site, _ in partial} == {Branch.CROSS, Branch.MLP}
+    for _, _, a in partial:  # both guidance halves recompute the same tokens
+        assert torch.equal(a.tokens[:2], a.tokens[2:])
+    assert all(a.kind is not Kind.PARTIAL for _, site, a in spy.actions if site.branch is Branch.ATTN)
+
+
+def test_cross_attention_probabilities_equal_diffusers_own():
+    model = pixart_transformer(depth=1)
+    attn = model.transformer_blocks[0].attn2
+    g = torch.Generator().manual_seed(4)
+    x, text = torch.randn(2, 16, 32, generator=g), torch.randn(2, 5, 32, generator=g)
+    bias = torch.zeros(2, 1, 5)
+    bias[1, 0, 3:] = -10000.0  # the second caption has 3 real tokens, as PixArt hands attn2 its mask
+    ours, macs = CrossAttentionScorer(3).probs(attn, x, text, bias)
+    q = attn.head_to_batch_dim(attn.to_q(x))
+    k = attn.head_to_batch_dim(attn.to_k(text))
+    mask = attn.prepare_attention_mask(bias, 5, 2)
+    theirs = attn.get_attention_scores(q, k, mask).reshape(2, attn.heads, 16, 5).mean(dim=1)  # (B, N, T)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    assert macs == 2 * (16 * 32 * 32 + 5 * 32 * 32 + 16 * 5 * 32)
+
+
+def test_pixart_settings_refuse_the_dit_knobs(pipe):
+    with ditcache.enable(pipe, "toca:ratio=0.5"):
+        with pytest.raises(ValueError, match="pixart_ratio"):
+            run(pipe, steps=4)
+    with ditcache.enable(pipe, "toca:settings=dit,ratio=0.5") as handle:  # the DiT code's behaviour, on request
+        run(pipe, steps=6)
+    assert handle.engine.policy.pixart is None

@@ -181,7 +181,8 @@ class CacheEngine:
                 tokens_run = action.tokens.shape[1]
             self.counters.site(step.index, site.branch, batch, tokens_run)
             if self._observes:
-                spent = self.policy.observe(step, site, action, args, out)
+                extra = {"kwargs": kwargs} if self.policy.observes_kwargs else {}
+                spent = self.policy.observe(step, site, action, args, out, **extra)
                 if spent:
                     self.counters.extra(step.index, spent)
             if self.correctors:

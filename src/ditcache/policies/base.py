@@ -23,6 +23,7 @@ class Policy:
 
     name = "none"
     uses_trunk = False  # True when trunk_action can return REUSE (DuCa)
+    observes_kwargs = False  # True: ``observe`` also gets the sub-module's keyword arguments (kwargs=)
 
     def bind(self, modules: dict[Site, nn.Module]) -> None:
         """Called by the engine before ``reset``: the sub-module of every per-block site.
@@ -54,7 +55,8 @@ class Policy:
         """Sees the sub-module's input and the feature used at a site (token-wise methods).
 
         Returns the MACs the policy itself spent here (e.g. token scoring), which the engine adds
-        to the run's MACs; None or 0 when it spent none.
+        to the run's MACs; None or 0 when it spent none. A policy with ``observes_kwargs`` also gets
+        the sub-module's keyword arguments as ``kwargs=`` (a cross-attention's caption and mask).
         """
 
     def schedule(self):

@@ -33,6 +33,7 @@ which also recomputes attention for the chosen tokens; the code does not.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -43,6 +44,7 @@ from .base import Policy, positive_int, register_policy
 from .token_scores import SCORES, VNORM_RECOMPUTE, TokenScorer
 
 FULL, PARTIAL, AGGRESSIVE = "f", "p", "a"
+SETTINGS = ("auto", "dit", "pixart")
 
 # (step weight ws, layer weight wl) of the official fresh-ratio schedulers, in the form
 # 1 + w − 2w·x. "ToCa-ddpm250" is quoted as "step weight 0.4 and layer weight +0.8"; reading the
@@ -146,6 +148,8 @@ class TocaConfig:
     mlp_weight: float = 2.5  # m_MLP of the fresh-ratio schedule
     vnorm_recompute: str = "small"  # V-norm sign: recompute small-norm tokens (DuCa code) | large
     seed: int = 0  # random token selection
+    settings: str = "auto"  # the authors' DiT or PixArt code; auto: pixart where blocks have cross-attention
+    pixart_ratio: float = 0.30  # R under the PixArt settings (the ToCa PixArt command; DuCa's is 0.75)
 
 
 def check_config(config: TocaConfig) -> None:
@@ -156,8 +160,10 @@ def check_config(config: TocaConfig) -> None:
         raise ValueError(f"unknown ratio_schedule {config.ratio_schedule!r}; choose from {sorted(RATIO_SCHEDULES)}")
     if config.vnorm_recompute not in VNORM_RECOMPUTE:
         raise ValueError(f"vnorm_recompute must be one of {VNORM_RECOMPUTE}, got {config.vnorm_recompute!r}")
-    if config.ratio < 0 or config.bonus < 0 or config.mlp_weight < 0:
-        raise ValueError("ratio, bonus and mlp_weight must be >= 0")
+    if config.ratio < 0 or config.bonus < 0 or config.mlp_weight < 0 or config.pixart_ratio < 0:
+        raise ValueError("ratio, pixart_ratio, bonus and mlp_weight must be >= 0")
+    if config.settings not in SETTINGS:
+        raise ValueError(f"settings must be one of {SETTINGS}, got {config.settings!r}")
 
 
 class TocaPolicy(Policy):
@@ -170,11 +176,14 @@ class TocaPolicy(Policy):
 
     name = "toca"
     dual = False  # DuCa turns the even-q partial steps into aggressive ones
+    observes_kwargs = True  # the PixArt score reads the caption the cross-attention attends to
 
     def __init__(self, config: TocaConfig):
         check_config(config)
         self.config = config
         self._attn_modules: dict[int, nn.Module] = {}
+        self._cross_modules: dict[int, nn.Module] = {}
+        self.pixart = None
 
     def plan(self, num_steps: int) -> str:
         """The step types (f/p/a, P/A) this policy would use for ``num_steps`` steps, step 0 first."""
@@ -182,10 +191,23 @@ class TocaPolicy(Policy):
 
     def bind(self, modules: dict[Site, nn.Module]) -> None:
         self._attn_modules = {site.block: m for site, m in modules.items() if site.branch is Branch.ATTN}
+        self._cross_modules = {site.block: m for site, m in modules.items() if site.branch is Branch.CROSS}
+
+    def uses_pixart(self, run: RunInfo) -> bool:
+        """The PixArt settings (toca_pixart.py) for this run: asked for, or auto on cross-attention blocks."""
+        if self.config.settings == "auto":
+            return Branch.CROSS in run.branches
+        return self.config.settings == "pixart"
 
     def reset(self, run: RunInfo) -> None:
         super().reset(run)
         c = self.config
+        from .toca_pixart import PixartTokens  # it builds on this module's step typing
+
+        self.pixart = PixartTokens(self, run) if self.uses_pixart(run) else None
+        if self.pixart is not None:
+            self.types = self.pixart.types
+            return
         self.types = self.plan(run.num_steps)
         self.fresh = fresh_counts(self.types, run.depth, run.num_tokens, c.ratio, c.ratio_schedule, c.mlp_weight)
         # with guidance the batch is [cond; uncond] (sampling/guidance.py): random scores are shared
@@ -213,6 +235,8 @@ class TocaPolicy(Policy):
         return needs
 
     def action(self, step: StepInfo, site: Site) -> Action:
+        if self.pixart is not None:
+            return self.pixart.action(step, site)
         kind = layer_type(self.types[step.index], site.block)
         if kind == FULL:
             return COMPUTE
@@ -224,7 +248,10 @@ class TocaPolicy(Policy):
     def may_reuse(self, site: Site) -> bool:
         return True
 
-    def observe(self, step: StepInfo, site: Site, action: Action, inputs: tuple, output: torch.Tensor) -> int:
+    def observe(self, step: StepInfo, site: Site, action: Action, inputs: tuple, output: torch.Tensor,
+                kwargs: Optional[dict] = None) -> int:
+        if self.pixart is not None:
+            return self.pixart.observe(step, site, action, inputs, output, kwargs or {})
         layer = site.block
         if site.branch is Branch.ATTN:
             if action.kind is Kind.COMPUTE and self.scored[step.index, layer]:

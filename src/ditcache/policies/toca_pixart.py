@@ -161,3 +161,71 @@ class CrossAttentionScorer:
         chosen = score.argsort(dim=-1, descending=True)[:, :k]  # (B, k)
         self.ages[(layer, branch)] = (age + 1).scatter(1, chosen, 0.0)
         return chosen
+
+
+class PixartTokens:
+    """ToCa / DuCa's decisions under the PixArt settings, for one run (``TocaPolicy`` delegates here)."""
+
+    def __init__(self, policy, run):
+        from .toca import layer_type
+
+        c = policy.config
+        if c.score == "vnorm":
+            raise ValueError("score=vnorm is not part of the PixArt settings; use attention (the cross-attention "
+                             "entropy of the authors' PixArt code) or random, or settings=dit")
+        if c.ratio != type(c)().ratio or c.bonus != type(c)().bonus:
+            raise ValueError("ratio= and bonus= are the DiT settings' R and 2x2 bonus; under the PixArt settings give "
+                             "pixart_ratio= (the 4x4 bonus is fixed at 0.4, as in the code), or settings=dit")
+        if Branch.CROSS not in run.branches:
+            raise ValueError("the PixArt settings recompute cross-attention tokens; this model has no cross-attention")
+        self.layer_type = layer_type
+        self.ratio = c.pixart_ratio
+        self.types = pixart_step_types(run.num_steps, c.interval, self.ratio, policy.dual)
+        self.fresh = pixart_fresh_counts(self.types, run.depth, run.num_tokens, self.ratio)
+        self.scorer = CrossAttentionScorer(c.interval, c.freq_weight, 0.4, guided=run.cfg_scale != 1.0,
+                                           random=c.score == "random", seed=c.seed)
+        self.modules = policy._cross_modules
+        if not self.scorer.random and not self.modules:
+            raise RuntimeError("the PixArt cross-attention score needs the cross-attention modules; run it "
+                               "through a CacheEngine (which calls bind)")
+
+    def action(self, step, site):
+        from ..types import COMPUTE, REUSE, Action
+
+        kind = self.layer_type(self.types[step.index], site.block)
+        if kind == FULL:
+            return COMPUTE
+        if kind == AGGRESSIVE or site.branch is Branch.ATTN:
+            return REUSE  # self-attention is reused on partial steps; aggressive steps skip the block
+        k = int(self.fresh[site.branch][step.index, site.block])
+        tokens = self.scorer.select(site.block, site.branch, k)  # also ages the tokens, k = 0 included
+        return Action.partial(tokens) if k else REUSE
+
+    def observe(self, step, site, action, inputs, output, kwargs) -> int:
+        from ..types import Kind
+
+        if site.branch is Branch.ATTN or action.kind is Kind.REUSE:
+            return 0
+        batch, tokens = output.shape[0], output.shape[1]
+        if site.branch is Branch.MLP:
+            if action.kind is Kind.COMPUTE:
+                self.scorer.full(site.block, Branch.MLP, None, batch, tokens)
+            return 0
+        if self.scorer.random:
+            if action.kind is Kind.COMPUTE:
+                self.scorer.full(site.block, Branch.CROSS, None, batch, tokens)
+            return 0
+        x = inputs[0] if inputs else kwargs["hidden_states"]  # (B, N, C)
+        text, mask = kwargs.get("encoder_hidden_states"), kwargs.get("attention_mask")
+        if text is None:
+            raise ValueError("the PixArt cross-attention score needs encoder_hidden_states as a keyword argument")
+        module = self.modules[site.block]
+        with torch.no_grad():
+            if action.kind is Kind.COMPUTE:
+                probs, macs = self.scorer.probs(module, x, text, mask)  # (B, N, T)
+                self.scorer.full(site.block, Branch.CROSS, probs, batch, tokens)
+                return macs
+            picked = x.gather(1, action.tokens.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, k, C)
+            probs, macs = self.scorer.probs(module, picked, text, mask)  # (B, k, T)
+            self.scorer.refresh(site.block, action.tokens, probs)
+            return macs
