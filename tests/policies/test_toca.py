@@ -139,7 +139,7 @@ def test_scores_that_read_attention_need_the_engine_to_bind_modules():
 # -- runs on the tiny DiT ---------------------------------------------------------------------------
 def test_partial_step_with_every_token_equals_computing_the_mlp():
     dit = tiny_dit()
-    policy = make_policy("toca", ratio=100.0)  # every partial step with a positive ratio takes all 16
+    policy = make_policy("toca", ratio=1.0, mlp_weight=250.0)  # R·m_MLP = 100: every partial step with a positive ratio takes all 16
     x, y = inputs(dit)
     outs, _ = trajectory(dit, policy, x, y)
     k = policy.fresh

@@ -51,6 +51,9 @@ class RulePolicy(StaticPolicy):
         self._fixed = schedule
         if config.path is not None and config.steps is not None:
             raise ValueError("rule takes path=FILE or steps=A/B/C, not both")
+        if config.steps is not None and len(set(config.steps)) != len(config.steps):
+            dup = sorted({t for t in config.steps if config.steps.count(t) > 1})
+            raise ValueError(f"rule steps list step(s) {dup} more than once; give each reused step once")
         if config.steps is not None and 0 in config.steps:
             raise ValueError("rule steps: step 0 has nothing to reuse (no feature is cached before it)")
         if schedule is None and config.path is not None:
