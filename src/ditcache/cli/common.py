@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from ..correctors.base import CORRECTORS
@@ -11,6 +10,7 @@ from ..policies.base import POLICIES
 from ..registry import describe_registry, parse_spec
 from ..sampling.generate import SampleConfig
 from ..sampling.loops import SAMPLERS
+from ..strict_json import dumps
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -43,6 +43,11 @@ def add_cache_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--corrector", action="append", default=[], help="corrector applied to reused features; repeatable")
 
 
+def add_overwrite_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what --out holds when it was made with other settings (default: refuse)")
+
+
 def sample_config(args) -> SampleConfig:
     labels = None
     if args.labels:
@@ -71,5 +76,4 @@ def cache_tag(policy, correctors) -> str:
 
 
 def print_json(obj) -> None:
-    json.dump(obj, sys.stdout, indent=1, default=str)
-    sys.stdout.write("\n")
+    sys.stdout.write(dumps(obj, indent=1) + "\n")  # strict JSON: NaN / infinity print as null

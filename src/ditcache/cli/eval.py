@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from ..strict_json import dumps
 
 DESCRIPTION = """\
 Measure generated samples against data with the ADM evaluator's protocol: FID (pool_3, 2048-d),
@@ -50,5 +51,5 @@ def run(args: argparse.Namespace) -> int:
     extractor = InceptionExtractor(device=args.device, batch_size=args.batch_size)
     result = evaluate(images, labels, reference=args.reference, extractor=extractor,
                       reference_limit=args.reference_limit, progress=args.progress)
-    print(json.dumps(result) if args.json else _table(result))
+    print(dumps(result) if args.json else _table(result))
     return 0
