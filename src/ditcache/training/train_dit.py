@@ -141,8 +141,8 @@ class Trainer:
                 break
         bar.close()
 
-    def export(self, path: str | os.PathLike, name: str = "mnist") -> Path:
+    def export(self, path: str | os.PathLike, name: Optional[str] = None) -> Path:
         """Write the EMA weights in our safetensors format with the training facts as metadata."""
-        meta = {"name": name, "image_size": 28, "guided_channels": None, "train_iterations": self.step,
+        meta = {"name": name or Path(path).stem, "image_size": 28, "guided_channels": None, "train_iterations": self.step,
                 "train_seconds": round(self.seconds, 1), "train_config": dataclasses.asdict(self.config)}
         return save_model(self.ema.eval(), path, **meta)
