@@ -184,3 +184,23 @@ def claim(out: str | os.PathLike, settings: Optional[dict] = None, overwrite: bo
 def dumps_roundtrip(settings: dict) -> dict:
     """``settings`` as they read back from run.json (tuples become lists, non-finite floats null)."""
     return json.loads(dumps(settings))
+
+
+def describe_kept(out: Path) -> str:
+    """'kept 3 finished batch shard(s) in OUT' and the like: what a resume will start from."""
+    parts = []
+    shards = out / "shards"
+    if shards.is_dir():
+        parts.append(f"{len(list(shards.glob('batch*.npz')))} finished batch shard(s)")
+    if (out / "partial" / "manifest.json").is_file():
+        done = json.loads((out / "partial" / "manifest.json").read_text()).get("meta", {}).get("done")
+        parts.append(f"a partial prior of {done} samples")
+    if (out / "checkpoint.pt").is_file():
+        parts.append("the last checkpoint")
+    rows = [p.parent.name for p in out.glob("*/row.json")]
+    if rows:
+        parts.append(f"{len(rows)} finished configuration(s)")
+    for name in ("samples.npz", "manifest.json"):
+        if (out / name).is_file():
+            parts.append(name)
+    return f"kept {', '.join(parts)} in {out}" if parts else f"{out} holds nothing finished yet"

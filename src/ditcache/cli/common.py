@@ -77,3 +77,24 @@ def cache_tag(policy, correctors) -> str:
 
 def print_json(obj) -> None:
     sys.stdout.write(dumps(obj, indent=1) + "\n")  # strict JSON: NaN / infinity print as null
+
+
+def check_device(spec: str) -> None:
+    """ValueError, in one line, for a device this PyTorch cannot use (``--device cuda`` on a CPU build)."""
+    import torch
+
+    try:
+        device = torch.device(spec)
+    except RuntimeError as err:
+        raise ValueError(f"--device {spec!r} is not a torch device ({err})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise ValueError(f"--device {spec}: no CUDA GPU is usable (PyTorch {torch.__version__} is {build}); "
+                             "use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {spec}: Apple MPS is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {spec}: use cpu, cuda, cuda:N or mps")

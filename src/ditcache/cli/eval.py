@@ -40,6 +40,28 @@ def _table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def check_against_reference(images, labels, reference: str) -> None:
+    """Refuse what would give a number that means nothing: another image size than the reference's
+    (FID of 64x64 RGB against MNIST measures the mismatch), labels the classifier does not know
+    (class accuracy 0)."""
+    from ditcache.metrics.classifier import NUM_CLASSES
+    from ditcache.metrics.evaluate import CLASSIFIER_REFERENCES
+    from ditcache.metrics.reference import reference_image_shape
+
+    want = reference_image_shape(reference)
+    have = tuple(images.shape[1:])
+    # gray and RGB both reach Inception as RGB (gray replicated), so only the size must agree
+    if want is not None and have[:2] != want[:2]:
+        raise ValueError(f"samples are {have[0]}x{have[1]}, the reference {reference} is {want[0]}x{want[1]}: "
+                         "evaluate against a reference of the samples' own size")
+    if have[2] not in (1, 3):
+        raise ValueError(f"samples have {have[2]} channels; gray (1) or RGB (3) images are evaluated")
+    if labels is not None and reference in CLASSIFIER_REFERENCES:
+        bad = sorted({int(y) for y in labels if not 0 <= y < NUM_CLASSES})
+        if bad:
+            raise ValueError(f"labels {bad[:5]} are outside the reference's classes 0..{NUM_CLASSES - 1}")
+
+
 def run(args: argparse.Namespace) -> int:
     """Load the samples, evaluate them and print the result."""
     from ditcache.metrics.evaluate import evaluate, load_samples
@@ -48,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
     images, labels = load_samples(args.samples)
+    check_against_reference(images, labels, args.reference)
     extractor = InceptionExtractor(device=args.device, batch_size=args.batch_size)
     result = evaluate(images, labels, reference=args.reference, extractor=extractor,
                       reference_limit=args.reference_limit, progress=args.progress)

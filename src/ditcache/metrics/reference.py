@@ -74,10 +74,24 @@ def read_png_folder(folder: str | os.PathLike) -> np.ndarray:
     return images if images.ndim == 4 else images[..., None]
 
 
+def load_npz_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz``; a truncated, non-zip or pickled file is a one-line ValueError."""
+    if Path(path).is_file() and not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a .npz: not a zip archive (truncated, or another kind of file)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        detail = " ".join(str(err).split())[:120] or type(err).__name__
+        raise ValueError(f"{path} is not a readable .npz (truncated, not a zip archive, or holding pickled "
+                         f"objects: {detail})") from None
+
+
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The arrays of an ``.npz``; ValueError when it holds neither images (arr_0) nor mu/sigma."""
-    with np.load(path) as data:
-        arrays = {k: data[k] for k in data.files}
+    arrays = load_npz_arrays(path)
     if "arr_0" not in arrays and "mu" not in arrays:
         raise ValueError(f"{path} holds no images under 'arr_0' and no 'mu'/'sigma' (keys: {sorted(arrays)})")
     if "arr_0" in arrays:
@@ -126,6 +140,24 @@ def _describe(spec: str) -> tuple[str, int, str]:
         raise ValueError(f"reference {path} must be an .npz file or a folder of PNGs")
     shape = _npz_image_shape(path)
     return f"{path.stem}-{_fingerprint([path])}", shape[1] if shape else 0, "npz"
+
+
+def reference_image_shape(spec: str) -> tuple[int, int, int] | None:
+    """(H, W, C) of a reference's images without reading them all; None when it holds only statistics."""
+    if spec == "mnist":
+        return (28, 28, 1)
+    path = Path(spec).expanduser()
+    _describe(spec)  # the existence and kind checks
+    if path.is_dir():
+        with _open_png(sorted(path.glob("*.png"))[0]) as im:
+            return (im.size[1], im.size[0], len(im.getbands()))
+    try:
+        shape = _npz_image_shape(path)
+    except zipfile.BadZipFile:
+        raise ValueError(f"{path} is not a .npz: not a zip archive (truncated, or another kind of file)") from None
+    if shape is None:
+        return None
+    return (shape[1], shape[2], shape[3] if len(shape) == 4 else 1)
 
 
 def cache_file(spec: str, preprocessing_key: str, cache_dir: str | os.PathLike | None = None,
