@@ -6,6 +6,7 @@ import numpy as np
 import torch
 import pytest
 
+from ditcache.cli.common import build_cache, cache_tag
 from ditcache.cli.main import main
 from ditcache.models.loading import save_model
 
@@ -106,3 +107,12 @@ def test_nan_weights_stop_with_one_line_and_write_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "sampling step 0 (timestep 999): the model output is non-finite" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_default_folder_names_are_one_safe_component_of_the_options_in_use(tmp_path, monkeypatch):
+    policy, correctors = build_cache("rule:steps=1/3", ["goc:w=1.2"])
+    assert cache_tag(policy, correctors) == "rule-steps1.3+goc-w1.2"  # no spaces, brackets or unused preset
+    (tmp_path / "a b").mkdir()
+    (tmp_path / "a b" / "[x].json").write_text(json.dumps({"num_steps": 4, "depth": 2, "schedule": [{"step": 1, "cached_attn": [0]}]}))
+    monkeypatch.chdir(tmp_path)
+    assert cache_tag(*build_cache("rule:path=a b/[x].json")) == "rule-patha_b_x_.json"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from ..correctors.base import CORRECTORS
@@ -67,12 +68,17 @@ def build_cache(policy_spec: str, corrector_specs=()):
 
 
 def cache_tag(policy, correctors) -> str:
-    """'fora-interval3+eoc-gamma0.01': a short run name from the policy and correctors."""
+    """'fora-interval3+eoc-gamma0.01', 'rule-steps1.3': a short run name from the options in use, made
+    only of letters, digits and ``._+-`` so that it is one safe path component."""
     parts = []
     for d in [policy.describe()] + [c.describe() for c in correctors]:
-        opts = "-".join(f"{k}{v}" for k, v in d.items() if k != "name" and v is not None and not isinstance(v, (list, dict)))
-        parts.append(d["name"] + (f"-{opts}" if opts else ""))
-    return "+".join(parts).replace("/", "_")
+        opts = []
+        for k, v in d.items():
+            if k == "name" or v is None or isinstance(v, dict):
+                continue
+            opts.append(f"{k}{'.'.join(str(x) for x in v) if isinstance(v, (list, tuple)) else v}")
+        parts.append("-".join([d["name"], *opts]))
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", "+".join(parts))
 
 
 def print_json(obj) -> None:

@@ -61,6 +61,16 @@ class RulePolicy(StaticPolicy):
         elif schedule is None and config.steps is None and config.preset not in PRESETS:
             raise ValueError(f"unknown rule preset {config.preset!r}; choose from {list(PRESETS)} or give a path")
 
+    def fixed_schedule(self) -> Optional[Schedule]:
+        return self._fixed
+
+    def describe(self) -> dict:
+        """Only the options in use: a preset is ignored once steps= or path= is given."""
+        d = super().describe()
+        if self.config.steps is not None or self.config.path is not None:
+            d["preset"] = None
+        return d
+
     def build(self, run: RunInfo) -> Schedule:
         if self._fixed is not None:
             return self._fixed
