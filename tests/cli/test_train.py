@@ -45,3 +45,9 @@ def test_other_settings_in_the_run_folder_need_overwrite(tmp_path, data, capsys)
     assert train(data, tmp_path / "run", "--lr", "0.01") == 2
     assert "pass --overwrite to start again" in capsys.readouterr().err
     assert train(data, tmp_path / "run", "--lr", "0.01", "--overwrite") == 0
+
+
+def test_a_non_finite_loss_stops_training_before_the_update(tmp_path, data, capsys):
+    assert train(data, tmp_path / "run", "--lr", "inf") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "training iteration 2: the loss is nan; stopped before the update" in err
