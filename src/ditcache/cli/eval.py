@@ -26,7 +26,8 @@ def add_parser(subparsers) -> None:
                    help="use only the first N reference images (quick looks; cached separately)")
     p.add_argument("--batch-size", type=int, default=50, help="images per Inception batch (default: 50)")
     p.add_argument("--device", default="cpu", help="torch device for the Inception network (default: cpu)")
-    p.add_argument("--progress", action="store_true", help="show progress bars on stderr")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (by default they show on stderr: reference features take long once)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object instead of a table")
     p.set_defaults(func=run)
 
@@ -73,6 +74,6 @@ def run(args: argparse.Namespace) -> int:
     check_against_reference(images, labels, args.reference)
     extractor = InceptionExtractor(device=args.device, batch_size=args.batch_size)
     result = evaluate(images, labels, reference=args.reference, extractor=extractor,
-                      reference_limit=args.reference_limit, progress=args.progress)
+                      reference_limit=args.reference_limit, progress=not args.no_progress)
     print(dumps(result) if args.json else _table(result))
     return 0
