@@ -162,8 +162,9 @@ def claim(out: str | os.PathLike, settings: Optional[dict] = None, overwrite: bo
             _empty(out)
             saved = None
         elif settings is not None and saved is not None and saved != dumps_roundtrip(settings):
-            raise ValueError(f"{out} holds {what} with other settings ({', '.join(settings_diff(saved, dumps_roundtrip(settings)))}); "
-                             "pass --overwrite to replace it, or use another --out folder")
+            diff = ", ".join(settings_diff(saved, dumps_roundtrip(settings)))
+            raise ValueError(f"{out} holds {what} with other settings ({diff}); pass --overwrite to replace it, "
+                             "or use another --out folder")
         _remove_temporaries(out)
         if settings is not None and saved is None:
             write_atomic(out / SETTINGS_FILE, lambda tmp: Path(tmp).write_text(dumps(settings) + "\n"))
