@@ -39,7 +39,7 @@ def commands(work: Path) -> dict:
     return {
         "sample": (lambda out: ["sample", "--num-samples", "16", *SMALL, "--policy", "fora:interval=2",
                                 "--out", str(out), "--no-progress"], same_npz),
-        "compare": (lambda out: ["compare", "--num-samples", "6", *SMALL, "--cache", "rule:preset=rm-50",
+        "compare": (lambda out: ["compare", "--num-samples", "12", *SMALL, "--cache", "rule:preset=rm-50",
                                  "--cache", "fora:interval=3", "--repeats", "0", "--out", str(out), "--json"],
                     same_compare),
         "calibrate-eoc": (lambda out: ["calibrate", "eoc", "--num-samples", "12", *SMALL, "--out", str(out),

@@ -51,7 +51,7 @@ class CacheEngine:
         self.counters = Counters(self.dims)
         self.peak_bytes = 0
         self.corrector_seconds = 0.0  # wall-clock inside the correctors' correct/observe this run
-        self.finite_watch = FiniteWatch()  # corrected features' finiteness, read by the sampler per step
+        self.finite_watch = FiniteWatch()  # corrected features' sums, checked by the sampler once per step
         self._step: Optional[StepInfo] = None
         self._patches = ForwardPatches()
         self._keep: dict[Site, bool] = {}
