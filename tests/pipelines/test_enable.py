@@ -242,3 +242,17 @@ def test_options_and_objects_are_both_accepted(dit_pipe):
     report = handle.report()
     assert report["policy"]["name"] == "rule" and report["correctors"][0]["name"] == "goc"
     assert report["compute_fraction"] == pytest.approx(3 / 5)  # steps 1, 3 of 0..4 reused
+
+
+def test_a_non_finite_output_stops_the_call_naming_the_step(dit_pipe):
+    block = dit_pipe.transformer.transformer_blocks[1]
+    saved = block.ff.net[2].bias.detach().clone()
+    with torch.no_grad():
+        block.ff.net[2].bias.fill_(float("nan"))
+    try:
+        with ditcache.enable(dit_pipe, "fora:interval=2"):
+            with pytest.raises(ValueError, match="sampling step 0 .*the model output is non-finite"):
+                run_dit(dit_pipe)
+    finally:
+        with torch.no_grad():
+            block.ff.net[2].bias.copy_(saved)

@@ -72,7 +72,7 @@ def test_duca_without_fresh_tokens_equals_the_hand_written_loop_exactly():
 
 def test_duca_with_every_token_matches_the_loop_within_rounding():
     dit = tiny_dit()
-    policy = make_policy("duca", ratio=100.0)
+    policy = make_policy("duca", ratio=1.0, mlp_weight=250.0)  # R·m_MLP = 100: every token
     x, y = inputs(dit)
     outs, _ = trajectory(dit, policy, x, y, steps=STEPS)
     assert (policy.fresh == 16).any()

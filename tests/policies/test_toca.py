@@ -168,7 +168,7 @@ def test_scores_that_read_attention_need_the_engine_to_bind_modules():
 # -- runs on the tiny DiT ---------------------------------------------------------------------------
 def test_partial_step_with_every_token_equals_computing_the_mlp():
     dit = tiny_dit()
-    policy = make_policy("toca", ratio=100.0)  # every partial step with a positive ratio takes all 16
+    policy = make_policy("toca", ratio=1.0, mlp_weight=250.0)  # R·m_MLP = 100: every partial step with a positive ratio takes all 16
     x, y = inputs(dit)
     outs, _ = trajectory(dit, policy, x, y)
     k = policy.fresh
@@ -195,7 +195,7 @@ def test_partial_step_with_no_token_equals_plain_reuse_exactly():
 def test_mixed_step_computes_layer_zero_only_and_matches_the_loop():
     """Step 4 (r = 4, "fpppPfppf") is full in layer 0, which re-initialises I = 2; layers 1, 2 are partial."""
     dit = tiny_dit()
-    policy = make_policy("toca", ratio=100.0)  # a partial layer with a positive ratio takes all 16 tokens
+    policy = make_policy("toca", ratio=1.0, mlp_weight=1000.0)  # a partial layer with a positive ratio takes all 16 tokens
     x, y = inputs(dit)
     outs, report = trajectory(dit, policy, x, y)
     assert policy.types[4] == "P" and policy.fresh[4].tolist() == [0, 16, 16]

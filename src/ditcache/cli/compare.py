@@ -6,7 +6,7 @@ import argparse
 
 from ..bench.compare import CompareOptions, compare, plot, table
 from ..models.loading import load_model
-from .common import add_cache_args, add_model_args, add_sampling_args, print_json, sample_config
+from .common import add_cache_args, add_overwrite_arg, add_model_args, add_sampling_args, print_json, sample_config
 
 
 def add_parser(sub) -> None:
@@ -26,6 +26,10 @@ def add_parser(sub) -> None:
     p.add_argument("--reference", default="mnist", help="FID reference: mnist, an ADM .npz or a PNG folder")
     p.add_argument("--reference-limit", type=int, default=None, help="use only the first N reference images")
     p.add_argument("--out", default="runs/compare", help="folder for samples and results (resumes)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timing: every configuration is timed on one batch, taking turns, this many times in "
+                        "this process; speed-up = median with min-max (default: 3; 0: no speed-up)")
+    add_overwrite_arg(p)
     p.add_argument("--plot", default=None, help="write a quality-versus-speed-up plot (PNG)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=run)
@@ -38,7 +42,8 @@ def run(args) -> int:
         raise ValueError("give at least one --cache configuration to compare with the uncached baseline")
     loaded = load_model(args.model, vae=args.vae, device=args.device, num_heads=args.num_heads)
     options = CompareOptions(fid=args.fid, reference=args.reference, reference_limit=args.reference_limit,
-                             device=args.device, progress=not args.json)
+                             device=args.device, progress=not args.json, repeats=args.repeats,
+                             overwrite=args.overwrite)
     rows = compare(loaded, sample_config(args), args.cache, args.out, options)
     if args.plot:
         plot(rows, args.plot)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +14,10 @@ from ..engine import CacheEngine
 from ..images import grid, save_png
 from ..models.loading import load_model
 from ..policies.schedule import write_json_atomic
-from ..sampling.sharded import assemble, barrier, claim_folder, init_distributed, run_shard, sum_reports
-from .common import (add_cache_args, add_model_args, add_pipeline_args, add_sampling_args, build_cache, cache_tag,
-                     print_json, sample_config, wants_pipeline)
+from ..outdir import claim
+from ..sampling.sharded import assemble, barrier, init_distributed, recover, run_shard, samples_complete, sum_reports
+from .common import (add_cache_args, add_model_args, add_overwrite_arg, add_pipeline_args, add_sampling_args,
+                     build_cache, cache_tag, print_json, sample_config, wants_pipeline)
 
 
 def add_parser(sub) -> None:
@@ -33,6 +36,7 @@ def add_parser(sub) -> None:
     add_pipeline_args(p)
     add_cache_args(p)
     p.add_argument("--out", default=None, help="output folder (default: runs/<model>-<sampling>-<cache>)")
+    add_overwrite_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -52,21 +56,30 @@ def run(args) -> int:
     out = Path(args.out or f"runs/{loaded.name}-{config.tag()}-{tag}")
     settings = {"model": loaded.name, "fingerprint": loaded.fingerprint, **dataclasses.asdict(config),
                 "policy": policy.describe(), "correctors": [c.describe() for c in correctors]}
-    claim_folder(out, settings, rank)
-    barrier()
-    done = {"batches": 0, "resumed_batches": 0, "seconds": 0.0, "reports": []}
-    if not (out / "samples.npz").is_file() or not (out / "run.json").is_file():
-        with CacheEngine(loaded.module, policy, correctors) as engine:
-            done = run_shard(loaded, config, engine, out, rank, world,
-                             progress=not (args.no_progress or args.json), device=args.device)
-    barrier()
-    if rank != 0:
-        return 0
-    if (out / "shards").is_dir() or not (out / "samples.npz").is_file():
-        images, _ = assemble(out, config)
-    else:
-        with np.load(out / "samples.npz") as data:
-            images = data["arr_0"]
+    with claim(out, settings, args.overwrite, "a sampling run") if rank == 0 else nullcontext():
+        if rank == 0:
+            for note in recover(out, config):
+                print(f"note: {note}", file=sys.stderr)
+        barrier()
+        done = {"batches": 0, "resumed_batches": 0, "seconds": 0.0, "reports": []}
+        if not samples_complete(out, config):
+            with CacheEngine(loaded.module, policy, correctors) as engine:
+                done = run_shard(loaded, config, engine, out, rank, world,
+                                 progress=not (args.no_progress or args.json), device=args.device)
+        barrier()
+        if rank != 0:
+            return 0
+        if not samples_complete(out, config):
+            images, _ = assemble(out, config)
+        else:
+            with np.load(out / "samples.npz") as data:
+                images = data["arr_0"]
+        _finish(args, loaded, config, policy, correctors, tag, out, world, done, images)
+    return 0
+
+
+def _finish(args, loaded, config, policy, correctors, tag, out, world, done, images) -> None:
+    """grid.png and report.json (kept from the run that made the samples when nothing was new), printed."""
     paths = {"grid": str(out / "grid.png"), "npz": str(out / "samples.npz"), "report": str(out / "report.json")}
     save_png(grid(images[:64]), paths["grid"], scale=4 if images.shape[1] <= 64 else 1)
     counters = sum_reports(done["reports"]) or {}
@@ -86,8 +99,7 @@ def run(args) -> int:
     if args.json:
         print_json(report)
     else:
+        counted = (f"computed {report['compute_fraction']:.1%} of attention/MLP calls, MACs ratio "
+                   f"{report['macs_ratio']:.3f}" if report.get("macs_ratio") is not None else "every batch was on disk")
         print(f"{config.num_samples} samples from {loaded.name} with {tag}: {done['batches']} batches in "
-              f"{done['seconds']:.2f} s on rank 0 ({done['resumed_batches']} resumed); computed "
-              f"{report['compute_fraction']:.1%} of attention/MLP calls, MACs ratio {report['macs_ratio']:.3f}; "
-              f"wrote {out}/")
-    return 0
+              f"{done['seconds']:.2f} s on rank 0 ({done['resumed_batches']} resumed); {counted}; wrote {out}/")

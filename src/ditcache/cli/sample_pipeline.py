@@ -21,7 +21,8 @@ from ..pipelines import enable
 from ..pipelines.sampling import PipelineJob, is_text_to_image, load_pipeline, read_prompts, sample_batch, set_scheduler
 from ..policies.schedule import write_json_atomic
 from ..sampling.generate import SampleConfig
-from ..sampling.sharded import batch_indices, claim_folder, num_batches, shard_path, sum_reports
+from ..outdir import claim
+from ..sampling.sharded import batch_indices, num_batches, shard_path, sum_reports
 from .common import build_cache, cache_tag, print_json, sample_config
 
 
@@ -62,25 +63,30 @@ def run_pipeline(args) -> int:
                             f"-n{job.num_samples}-{tag}")
     settings = {"model": args.model, "scheduler": scheduler, "job": job.__dict__, "policy": policy.describe(),
                 "correctors": [c.describe() for c in correctors]}
-    claim_folder(out, json.loads(json.dumps(settings)), 0)
-    layout = SampleConfig(num_samples=job.num_samples, batch_size=job.batch_size)
-    seconds, reports, resumed = 0.0, [], 0
-    if not (out / "samples.npz").is_file():
-        with enable(pipe, policy, correctors) as handle:
-            for b in range(num_batches(layout)):
-                if shard_path(out, b).is_file():
-                    resumed += 1
-                    continue
-                indices = batch_indices(layout, b)
-                start = time.perf_counter()
-                images = sample_batch(pipe, job, indices, args.device)
-                seconds += time.perf_counter() - start
-                reports.append(handle.report())
-                save_npz(shard_path(out, b), images, np.asarray(indices))
-        images = _assemble(out, layout, job, text)
-    else:
-        with np.load(out / "samples.npz") as data:
-            images = data["arr_0"]
+    with claim(out, settings, args.overwrite, "a pipeline sampling run"):
+        layout = SampleConfig(num_samples=job.num_samples, batch_size=job.batch_size)
+        seconds, reports, resumed = 0.0, [], 0
+        if not (out / "samples.npz").is_file():
+            with enable(pipe, policy, correctors) as handle:
+                for b in range(num_batches(layout)):
+                    if shard_path(out, b).is_file():
+                        resumed += 1
+                        continue
+                    indices = batch_indices(layout, b)
+                    start = time.perf_counter()
+                    images = sample_batch(pipe, job, indices, args.device)
+                    seconds += time.perf_counter() - start
+                    reports.append(handle.report())
+                    save_npz(shard_path(out, b), images, np.asarray(indices))
+            images = _assemble(out, layout, job, text)
+        else:
+            with np.load(out / "samples.npz") as data:
+                images = data["arr_0"]
+        _finish(args, out, job, scheduler, policy, correctors, tag, images, reports, seconds, resumed)
+    return 0
+
+
+def _finish(args, out, job, scheduler, policy, correctors, tag, images, reports, seconds, resumed) -> None:
     save_png(grid(images[:64]), out / "grid.png", scale=1 if images.shape[1] >= 64 else 4)
     counters = sum_reports(reports) or {}
     report = {"model": args.model, "scheduler": scheduler, "steps": job.steps, "guidance_scale": job.guidance_scale,
@@ -102,4 +108,3 @@ def run_pipeline(args) -> int:
               f"{len(reports)} batches in {seconds:.2f} s ({resumed} resumed)"
               + (f"; computed {fraction:.1%} of sub-layer calls, MACs ratio {report['macs_ratio']:.3f}"
                  if fraction is not None else "") + f"; wrote {out}/")
-    return 0

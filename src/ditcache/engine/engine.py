@@ -25,6 +25,7 @@ from torch import nn
 
 from ..adapters import Adapter, adapter_for
 from ..correctors import Corrector
+from ..finite import FiniteWatch
 from ..policies import Policy
 from ..types import TOKENWISE, TRUNK, Kind, RunInfo, Site, StepInfo
 from .counters import Counters
@@ -51,6 +52,7 @@ class CacheEngine:
         self.counters = Counters(self.dims)
         self.peak_bytes = 0
         self.corrector_seconds = 0.0  # wall-clock inside the correctors' correct/observe this run
+        self.finite_watch = FiniteWatch()  # corrected features' sums, checked by the sampler once per step
         self._step: Optional[StepInfo] = None
         self._patches = ForwardPatches()
         self._keep: dict[Site, bool] = {}
@@ -118,6 +120,7 @@ class CacheEngine:
     def begin_step(self, step: StepInfo) -> None:
         self._note_memory()
         self._step = step
+        self.finite_watch.clear()
 
     def end_run(self) -> None:
         self._note_memory()
@@ -174,6 +177,7 @@ class CacheEngine:
                     start = time.perf_counter()
                     for corrector in self.correctors:
                         out = corrector.correct(step, site, out)
+                        self.finite_watch.note(site, corrector.name, out)
                     self.corrector_seconds += time.perf_counter() - start
                 tokens_run = 0
             else:

@@ -216,7 +216,7 @@ def load_vae(kind_or_path: str, *, device="cpu", dtype=torch.float32, local_file
     except Exception as e:
         raise OSError(f"could not load the VAE {source!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
                       f"Offline? On a connected machine run `huggingface-cli download {source} "
-                      "--local-dir DIR`, copy DIR here and pass vae='DIR'.") from e
+                      "--local-dir DIR`, copy DIR here and pass it as the VAE: `--vae DIR` (vae='DIR' in Python).") from e
     return vae.to(device).eval()
 
 

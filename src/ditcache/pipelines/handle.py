@@ -30,6 +30,7 @@ from torch import nn
 from ..correctors.base import CORRECTORS, Corrector
 from ..engine import CacheEngine
 from ..engine.patching import ForwardPatches
+from ..finite import check_step
 from ..models.loading import fingerprint
 from ..policies.base import POLICIES, Policy
 from ..registry import parse_spec
@@ -182,7 +183,10 @@ class CacheHandle:
                     "scheduler step, with guidance as one concatenated batch")
             self._seen_step = steps.index
             self.engine.begin_step(StepInfo(index=steps.index, num_steps=steps.num_steps, timestep=steps.timestep))
-            return original(*args, **kwargs)
+            out = original(*args, **kwargs)
+            sample = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
+            check_step(sample, steps.index, steps.timestep, self.engine)  # NaN/inf stops the call, naming the culprit
+            return out
 
         return forward
 

@@ -51,12 +51,25 @@ class RulePolicy(StaticPolicy):
         self._fixed = schedule
         if config.path is not None and config.steps is not None:
             raise ValueError("rule takes path=FILE or steps=A/B/C, not both")
+        if config.steps is not None and len(set(config.steps)) != len(config.steps):
+            dup = sorted({t for t in config.steps if config.steps.count(t) > 1})
+            raise ValueError(f"rule steps list step(s) {dup} more than once; give each reused step once")
         if config.steps is not None and 0 in config.steps:
             raise ValueError("rule steps: step 0 has nothing to reuse (no feature is cached before it)")
         if schedule is None and config.path is not None:
             self._fixed = Schedule.load(config.path)
         elif schedule is None and config.steps is None and config.preset not in PRESETS:
             raise ValueError(f"unknown rule preset {config.preset!r}; choose from {list(PRESETS)} or give a path")
+
+    def fixed_schedule(self) -> Optional[Schedule]:
+        return self._fixed
+
+    def describe(self) -> dict:
+        """Only the options in use: a preset is ignored once steps= or path= is given."""
+        d = super().describe()
+        if self.config.steps is not None or self.config.path is not None:
+            d["preset"] = None
+        return d
 
     def build(self, run: RunInfo) -> Schedule:
         if self._fixed is not None:

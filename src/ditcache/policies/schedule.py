@@ -139,11 +139,13 @@ def _glyph(cells: np.ndarray, two_columns: dict) -> str:
 
 
 def write_json_atomic(path: str | os.PathLike, data) -> None:
-    """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
+    """Write strict JSON through a temporary file and a rename, so a crash never leaves half a file."""
+
+    from ..strict_json import dumps
 
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
-            json.dump(data, f, indent=1)
+            f.write(dumps(data, indent=1))  # strict: NaN / infinity become null
 
     write_atomic(path, write)
 

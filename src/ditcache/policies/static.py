@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from ..types import COMPUTE, REUSE, Action, RunInfo, Site, StepInfo
 from .base import Policy
 from .schedule import Schedule
@@ -12,6 +14,10 @@ class StaticPolicy(Policy):
 
     def build(self, run: RunInfo) -> Schedule:
         raise NotImplementedError
+
+    def fixed_schedule(self) -> Optional[Schedule]:
+        """The schedule when it does not depend on the run (a published preset, a file), else None."""
+        return None
 
     def reset(self, run: RunInfo) -> None:
         super().reset(run)

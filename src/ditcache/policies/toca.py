@@ -160,8 +160,13 @@ def check_config(config: TocaConfig) -> None:
         raise ValueError(f"unknown ratio_schedule {config.ratio_schedule!r}; choose from {sorted(RATIO_SCHEDULES)}")
     if config.vnorm_recompute not in VNORM_RECOMPUTE:
         raise ValueError(f"vnorm_recompute must be one of {VNORM_RECOMPUTE}, got {config.vnorm_recompute!r}")
-    if config.ratio < 0 or config.bonus < 0 or config.mlp_weight < 0 or config.pixart_ratio < 0:
-        raise ValueError("ratio, pixart_ratio, bonus and mlp_weight must be >= 0")
+    for name, value in (("ratio", config.ratio), ("pixart_ratio", config.pixart_ratio)):
+        if not 0.0 <= value <= 1.0:  # a fraction of the tokens; also refuses NaN
+            raise ValueError(f"{name} is the fraction of tokens recomputed and must be in [0, 1], got {value}")
+    for name in ("bonus", "mlp_weight", "freq_weight"):
+        value = getattr(config, name)
+        if not 0.0 <= value < float("inf"):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     if config.settings not in SETTINGS:
         raise ValueError(f"settings must be one of {SETTINGS}, got {config.settings!r}")
 
