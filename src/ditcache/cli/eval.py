@@ -70,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.reference_limit is not None and args.reference_limit < 1:
+        raise ValueError(f"--reference-limit must be at least 1, got {args.reference_limit}")
     images, labels = load_samples(args.samples)
     check_against_reference(images, labels, args.reference)
     extractor = InceptionExtractor(device=args.device, batch_size=args.batch_size)
