@@ -19,7 +19,8 @@ def _dit_dims(model: nn.Module) -> Dims:
     )
 
 
-def _diffusers_dims(model: nn.Module) -> Dims:
+def _diffusers_dims(model: nn.Module, **family) -> Dims:
+    """Sizes of a diffusers transformer of BasicTransformerBlocks at its configured sample size."""
     cfg = model.config
     p = cfg.patch_size
     grid = cfg.sample_size // p
@@ -28,10 +29,10 @@ def _diffusers_dims(model: nn.Module) -> Dims:
         depth=len(model.transformer_blocks),
         hidden=model.inner_dim,
         mlp_hidden=ff.net[2].in_features,
-        num_tokens=grid * grid,
+        num_tokens=grid * grid,  # a pipeline's run re-reads it from its input (ditcache.enable)
         patch_in=p * p * cfg.in_channels,
         patch_out=p * p * model.out_channels,
-        embeds_per_block=True,
+        **family,
     )
 
 
@@ -56,28 +57,16 @@ DIFFUSERS_DIT = register_adapter(
         blocks_attr="transformer_blocks",
         attn_attr="attn1",
         mlp_attr="ff",
-        dims=_diffusers_dims,
+        dims=lambda m: _diffusers_dims(m, embeds_per_block=True),
         matches=lambda m: hasattr(m, "transformer_blocks") and hasattr(m, "proj_out_2"),
     )
 )
 
 
 def _pixart_dims(model: nn.Module) -> Dims:
-    cfg = model.config
-    p = cfg.patch_size
-    grid = cfg.sample_size // p
-    ff = model.transformer_blocks[0].ff
-    return Dims(
-        depth=len(model.transformer_blocks),
-        hidden=model.inner_dim,
-        mlp_hidden=ff.net[2].in_features,
-        num_tokens=grid * grid,  # at the configured size; the engine re-reads it from each run's input
-        patch_in=p * p * cfg.in_channels,
-        patch_out=p * p * model.out_channels,
-        text_tokens=120,  # PixArt-alpha's T5 length; re-read from each run's encoder_hidden_states
-        caption_channels=cfg.caption_channels or 0,
-        shared_modulation=True,
-    )
+    # 120 text tokens: PixArt-alpha's T5 length; a pipeline's run re-reads it from encoder_hidden_states
+    return _diffusers_dims(model, text_tokens=120, caption_channels=model.config.caption_channels or 0,
+                           shared_modulation=True)
 
 
 # diffusers' PixArtTransformer2DModel (PixArt-alpha and -Sigma): BasicTransformerBlock with
