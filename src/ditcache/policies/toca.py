@@ -72,12 +72,33 @@ def interval_at(respaced: int, num_steps: int, base: int, ratio: float = 0.07) -
     return max(1, int(np.round(np.float32(base) / factor)))
 
 
-def _layer_type(respaced: int, interval: int, dual: bool) -> str:
-    """A non-first step's type in a layer under interval I (``cal_type.py``)."""
-    q = respaced % interval
+def layer_type_at(index: int, interval: int, dual: bool) -> str:
+    """A non-first step's type in a layer under interval I (``cal_type.py``), from the step's index in
+    the code's own count (count-down r in the DiT code, count-up s in the PixArt code)."""
+    q = index % interval
     if q == 0:
         return FULL
     return AGGRESSIVE if dual and q % 2 == 0 else PARTIAL
+
+
+def typed_steps(indices, interval_after, dual: bool) -> str:
+    """The per-layer typing shared by the authors' DiT and PixArt code: step letters in sampling order.
+
+    ``indices`` are the steps in the code's own count; ``interval_after(index)`` is the interval a full
+    computation at that step sets (``force_init`` -> ``force_scheduler``). The first step is full in
+    every layer; afterwards layer 0 decides with the interval in force, and when it is full it resets
+    the interval, which layers 1.. then use: 'P' / 'A' when they come out partial / aggressive.
+    """
+    types, current = [], None
+    for n, index in enumerate(indices):
+        head = FULL if n == 0 else layer_type_at(index, current, dual)
+        if head != FULL:
+            types.append(head)
+            continue
+        current = interval_after(index)
+        rest = FULL if n == 0 else layer_type_at(index, current, dual)
+        types.append(FULL if rest == FULL else rest.upper())
+    return "".join(types)
 
 
 def step_types(num_steps: int, interval: int, dual: bool = False, ratio: float = 0.07) -> str:
@@ -87,21 +108,8 @@ def step_types(num_steps: int, interval: int, dual: bool = False, ratio: float =
     full (it re-initialises I) and the other layers are partial / aggressive under the new I.
     """
     positive_int(interval, "ToCa interval")
-    types, current = [], interval
-    for step in range(num_steps):
-        r = num_steps - 1 - step
-        if step == 0:  # cal_type's first_step: full in every layer, then I from its own r
-            types.append(FULL)
-            current = interval_at(r, num_steps, interval, ratio)
-            continue
-        head = _layer_type(r, current, dual)
-        if head == FULL:
-            current = interval_at(r, num_steps, interval, ratio)
-            rest = _layer_type(r, current, dual)
-            types.append(FULL if rest == FULL else rest.upper())
-        else:
-            types.append(head)
-    return "".join(types)
+    respaced = [num_steps - 1 - step for step in range(num_steps)]
+    return typed_steps(respaced, lambda r: interval_at(r, num_steps, interval, ratio), dual)
 
 
 def layer_type(code: str, layer: int) -> str:

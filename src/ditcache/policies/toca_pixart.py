@@ -49,29 +49,11 @@ def interval_after(step: int, num_steps: int, base: int, ratio: float, dual: boo
     return max(1, int(np.round(np.float32(base) / factor)))
 
 
-def _type(step: int, interval: int, dual: bool) -> str:
-    q = step % interval
-    if q == 0:
-        return FULL
-    return AGGRESSIVE if dual and q % 2 == 0 else PARTIAL
-
-
 def pixart_step_types(num_steps: int, interval: int, ratio: float, dual: bool = False) -> str:
     """One letter per step (step 0 first): 'f', 'p', 'a', or 'P' / 'A' (layer 0 full, the rest not)."""
-    types, current = [], interval
-    for step in range(num_steps):
-        if step == 0:
-            types.append(FULL)
-            current = interval_after(0, num_steps, interval, ratio, dual)
-            continue
-        head = _type(step, current, dual)
-        if head == FULL:
-            current = interval_after(step, num_steps, interval, ratio, dual)
-            rest = _type(step, current, dual)
-            types.append(FULL if rest == FULL else rest.upper())
-        else:
-            types.append(head)
-    return "".join(types)
+    from .toca import typed_steps
+
+    return typed_steps(range(num_steps), lambda s: interval_after(s, num_steps, interval, ratio, dual), dual)
 
 
 def pixart_fresh_counts(types: str, depth: int, num_tokens: int, ratio: float) -> dict[Branch, np.ndarray]:
