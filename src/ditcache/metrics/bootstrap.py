@@ -129,10 +129,12 @@ class FIDBootstrap:
         kernel = self.kernel(feats)
         return np.array([self.replicate(feats, c, kernel) for c in draw_counts(len(feats), self.replicates, self.seed)])
 
-    def interval(self, feats: np.ndarray, level: float = LEVEL) -> tuple[Interval, np.ndarray]:
-        """FID with its interval, and the replicates (R,) for paired differences."""
+    def interval(self, feats: np.ndarray, value: float | None = None,
+                 level: float = LEVEL) -> tuple[Interval, np.ndarray]:
+        """FID (``value`` if already computed) with its interval, and the replicates (R,) for paired
+        differences."""
         reps = self.replicates_of(feats)
-        return centred_interval(self.fid(feats), reps, level), reps
+        return centred_interval(self.fid(feats) if value is None else value, reps, level), reps
 
 
 def paired_difference(value_a: float, reps_a: np.ndarray, value_b: float, reps_b: np.ndarray,
