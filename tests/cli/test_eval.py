@@ -119,3 +119,28 @@ def test_table_shows_the_interval_and_bad_bootstrap_fails(tmp_path, monkeypatch,
     assert "95% bootstrap interval" in out and "fid_ci_low" not in out
     assert main(["eval", str(tmp_path / "s.npz"), "--bootstrap", "1"]) == 2
     assert "--bootstrap" in capsys.readouterr().err
+
+
+def test_inception_score_only_with_the_logits_matrix(tmp_path, monkeypatch, capsys):
+    """--inception-logits adds inception_score, the evaluator's IS of the pool features."""
+    from ditcache.metrics import inception, inception_score
+
+    monkeypatch.setenv("DITCACHE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(inception, "InceptionExtractor", StubExtractor)
+    weights = np.random.default_rng(5).normal(size=(64, 10))  # stands in for (2048, 1008)
+    monkeypatch.setattr(inception_score, "load_logits_weights", lambda path: weights)
+    rng = np.random.default_rng(6)
+    samples = rng.integers(0, 256, (7, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "s.npz", arr_0=samples)
+    np.savez(tmp_path / "r.npz", arr_0=rng.integers(0, 256, (9, 8, 8, 3), dtype=np.uint8))
+    args = ["eval", str(tmp_path / "s.npz"), "--reference", str(tmp_path / "r.npz"), "--json", "--bootstrap", "0"]
+    assert main(args + ["--inception-logits", "w.npy"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    expected = inception_score.evaluator_inception_score(StubExtractor().features(samples)["pool"], weights)
+    assert result["inception_score"] == pytest.approx(expected, rel=1e-12)
+    assert result["fid_ci_low"] is None and result["bootstrap"] == 0
+    assert main(args) == 0
+    assert "inception_score" not in json.loads(capsys.readouterr().out)
+    monkeypatch.undo()
+    assert main(args + ["--inception-logits", str(tmp_path / "missing.pth")]) == 2
+    assert "missing.pth" in capsys.readouterr().err

@@ -18,10 +18,12 @@ FID carries a 95% bootstrap interval (--bootstrap replicates, resampling the sam
 is held fixed). An ADM reference batch (e.g. VIRTUAL_imagenet256_labeled.npz) is used as the
 evaluator uses it: mu/sigma and mu_s/sigma_s from the file, its arr_0 images for precision/recall.
 
-No Inception Score is reported: the FID weights have no logits layer, and a score from any other
-network would not be comparable with the evaluator's IS. Against the MNIST reference (default: all
-10,000 test images) class accuracy (when the samples carry labels) and is_classifier, an IS-style
-score from a small digit classifier, are added; is_classifier is NOT an Inception Score.
+Inception Score: the FID weights have no logits layer, so inception_score is reported only with
+--inception-logits FILE, the TF graph's 2048x1008 logits matrix (e.g. fc.weight of pytorch-fid's or
+torch-fidelity's pt_inception-2015-12-05 checkpoint, or a .npy), and then as the evaluator computes
+it (no bias, splits of 5,000). Against the MNIST reference (default: all 10,000 test images) class
+accuracy (when the samples carry labels) and is_classifier, an IS-style score from a small digit
+classifier, are added; is_classifier is NOT an Inception Score.
 
 Reference features are computed once per (reference, preprocessing, limit) and cached under
 $DITCACHE_CACHE (default ~/.cache/ditcache); the first MNIST run spends ~50 min of one CPU core there.
@@ -39,6 +41,8 @@ def add_parser(subparsers) -> None:
                    help="use only the first N reference images (quick looks; cached separately)")
     p.add_argument("--bootstrap", type=int, default=REPLICATES, metavar="R",
                    help=f"bootstrap replicates for the FID interval; 0 turns it off (default: {REPLICATES})")
+    p.add_argument("--inception-logits", default=None, metavar="FILE",
+                   help="the Inception logits matrix (.npy, or a .pth/.pt holding fc.weight): adds inception_score")
     p.add_argument("--batch-size", type=int, default=50, help="images per Inception batch (default: 50)")
     p.add_argument("--device", default="cpu", help="torch device for the Inception network (default: cpu)")
     p.add_argument("--progress", action="store_true", help="show a progress bar for the samples on stderr")
@@ -63,14 +67,17 @@ def run(args: argparse.Namespace) -> int:
     """Load the samples, evaluate them and print the result."""
     from ditcache.metrics.evaluate import evaluate, load_samples
     from ditcache.metrics.inception import InceptionExtractor
+    from ditcache.metrics.inception_score import load_logits_weights
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
     if args.bootstrap < 0 or args.bootstrap == 1:
         raise ValueError(f"--bootstrap must be 0 (off) or at least 2, got {args.bootstrap}")
+    logits = load_logits_weights(args.inception_logits) if args.inception_logits else None
     images, labels = load_samples(args.samples)
     extractor = InceptionExtractor(device=args.device, batch_size=args.batch_size)
     result = evaluate(images, labels, reference=args.reference, extractor=extractor,
-                      reference_limit=args.reference_limit, progress=args.progress, bootstrap=args.bootstrap)
+                      reference_limit=args.reference_limit, progress=args.progress, bootstrap=args.bootstrap,
+                      logits_weights=logits)
     print(json.dumps(result) if args.json else _table(result))
     return 0

@@ -5,10 +5,11 @@ ADM evaluator's protocol (see ``inception.py`` for the network and its preproces
 ``precision_recall.py`` for its float16 manifold arithmetic). FID comes with a bootstrap interval
 over the samples (``bootstrap.py``).
 
-Inception Score: the FID Inception weights end at pool_3 and carry no logits layer, so no IS is
-computed and no number labelled IS is ever reported. On the MNIST reference a small digit
-classifier stands in: its score is ``is_classifier``, which is not the Inception Score and must
-not be compared with one.
+Inception Score: the FID Inception weights end at pool_3 and carry no logits layer, so IS is
+reported only when the caller supplies the TF graph's logits matrix (``logits_weights``; see
+``inception_score.py``), and then exactly as the evaluator computes it; otherwise no number
+labelled IS is reported. On the MNIST reference a small digit classifier stands in: its score is
+``is_classifier``, which is not the Inception Score and must not be compared with one.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 from ditcache.metrics.bootstrap import REPLICATES, FIDBootstrap
 from ditcache.metrics.fid import features_to_stats, frechet_distance
 from ditcache.metrics.inception import InceptionExtractor, to_nhwc_rgb
-from ditcache.metrics.inception_score import NUM_SPLITS, inception_score
+from ditcache.metrics.inception_score import NUM_SPLITS, evaluator_inception_score, inception_score
 from ditcache.metrics.precision_recall import K, precision_recall
 from ditcache.metrics.reference import get_reference, read_npz, read_png_folder
 
@@ -57,22 +58,24 @@ def load_samples(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None
 def evaluate(samples: np.ndarray, labels: np.ndarray | None = None, reference: str = "mnist",
              extractor: InceptionExtractor | None = None, classifier=None,
              cache_dir: str | os.PathLike | None = None, reference_limit: int | None = None,
-             progress: bool = False, bootstrap: int = REPLICATES) -> dict:
+             progress: bool = False, bootstrap: int = REPLICATES, logits_weights: np.ndarray | None = None) -> dict:
     """Every data metric of uint8 samples (N, H, W[, C]) against a reference, as a flat dict.
 
     Keys: fid, fid_ci_low, fid_ci_high (95% bootstrap interval over the samples, ``bootstrap``
     replicates; None when 0), sfid, precision, recall (k = 3), num_samples, num_reference,
-    reference, reference_stats ("precomputed" or "computed"), preprocessing, bootstrap; and on the
-    MNIST reference is_classifier, is_classifier_std and (when ``labels`` are given) class_accuracy.
+    reference, reference_stats ("precomputed" or "computed"), preprocessing, bootstrap; with
+    ``logits_weights`` (2048, 1008) inception_score (the evaluator's IS); and on the MNIST reference
+    is_classifier, is_classifier_std and (when ``labels`` are given) class_accuracy.
     """
     return evaluate_with_features(samples, labels, reference, extractor, classifier, cache_dir,
-                                  reference_limit, progress, bootstrap)[0]
+                                  reference_limit, progress, bootstrap, logits_weights)[0]
 
 
 def evaluate_with_features(samples: np.ndarray, labels: np.ndarray | None = None, reference: str = "mnist",
                            extractor: InceptionExtractor | None = None, classifier=None,
                            cache_dir: str | os.PathLike | None = None, reference_limit: int | None = None,
-                           progress: bool = False, bootstrap: int = REPLICATES) -> tuple[dict, dict, np.ndarray | None]:
+                           progress: bool = False, bootstrap: int = REPLICATES,
+                           logits_weights: np.ndarray | None = None) -> tuple[dict, dict, np.ndarray | None]:
     """``evaluate``, also returning the features {"pool", "spatial"} and the FID bootstrap replicates
     (R,) (None when ``bootstrap`` is 0), for paired comparisons of runs from the same noise."""
     samples = to_nhwc_rgb(samples)  # checks dtype and shape
@@ -113,7 +116,10 @@ def evaluate_with_features(samples: np.ndarray, labels: np.ndarray | None = None
         device = getattr(extractor, "device", "cpu")
         result["precision"], result["recall"] = precision_recall(ref.pool, feats["pool"], device=device,
                                                                  reference_radii=ref.pool_radii)
-    # 4. class metrics where the digit classifier applies
+    # 4. the evaluator's Inception Score, only from the real logits matrix
+    if logits_weights is not None:
+        result["inception_score"] = evaluator_inception_score(feats["pool"], logits_weights)
+    # 5. class metrics where the digit classifier applies
     if reference in CLASSIFIER_REFERENCES:
         from ditcache.metrics.classifier import classifier_probs, load_classifier
 
