@@ -27,5 +27,5 @@ def load_resumable(path: str | os.PathLike, config, may_change: tuple[str, ...])
         saved.pop(key, None), now.pop(key, None)
     if saved != now:
         diff = {k: (saved.get(k), now.get(k)) for k in now if saved.get(k) != now.get(k)}
-        raise ValueError(f"{path} was made with another config {diff} (saved, asked); use a new --out folder")
+        raise ValueError(f"{path} was made with another config {diff} (saved, asked); pass --overwrite to start again, or use another --out folder")
     return state

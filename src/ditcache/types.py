@@ -21,8 +21,9 @@ import torch
 class Branch(str, enum.Enum):
     """Which computation of a block a site is."""
 
-    ATTN = "attn"
-    MLP = "mlp"
+    ATTN = "attn"  # self-attention, pre-gate
+    MLP = "mlp"  # feed-forward, pre-gate
+    CROSS = "cross"  # cross-attention to the text tokens (PixArt); ungated in the block
     TRUNK = "trunk"  # the whole block stack; only DuCa's aggressive step reuses it
 
 
@@ -42,8 +43,11 @@ class Site:
 
 
 TRUNK = Site(-1, Branch.TRUNK)
-BRANCHES = (Branch.ATTN, Branch.MLP)  # the per-block site branches, in schedule-column order
-MLP_ONLY_PARTIAL = (Branch.MLP,)  # PARTIAL needs a token-wise sub-module; attention mixes tokens
+BRANCHES = (Branch.ATTN, Branch.MLP)  # the per-block site branches of a DiT, in schedule-column order
+WITH_CROSS = (Branch.ATTN, Branch.MLP, Branch.CROSS)  # text-conditioned blocks (PixArt): a third column
+# PARTIAL needs a token-wise sub-module: the MLP, and cross-attention (each image token's query attends
+# to the text on its own); self-attention mixes image tokens, so it has no per-token result
+TOKENWISE = (Branch.MLP, Branch.CROSS)
 
 
 class Kind(str, enum.Enum):
@@ -87,11 +91,12 @@ class RunInfo:
     num_steps: int
     depth: int
     num_tokens: int
-    timesteps: tuple[int, ...] = ()  # original DDPM timestep of each step, in sampling order
-    sampler: str = ""
+    timesteps: tuple[float, ...] = ()  # the model's timestep at each step, in sampling order (DDPM: 0..999)
+    sampler: str = ""  # "ddim" / "ddpm", or a diffusers scheduler's key (class and settings digest)
     cfg_scale: float = 1.0
     fingerprint: str = ""  # the model's weights digest (keys calibration artifacts); "" if unknown
     resolution: int = 0  # pixel size of the generated images; 0 if unknown
+    branches: tuple[Branch, ...] = BRANCHES  # the model's per-block branches, in schedule-column order
 
 
 @dataclass(frozen=True)
@@ -100,7 +105,7 @@ class StepInfo:
 
     index: int  # counts up from 0 (first, noisiest step)
     num_steps: int
-    timestep: int = -1  # original DDPM timestep, -1 if unknown
+    timestep: float = -1  # the model's timestep (original DDPM timestep, or a flow-matching t*1000); -1 if unknown
 
     @property
     def respaced_index(self) -> int:

@@ -72,7 +72,24 @@ def test_resuming_with_other_settings_exits_2(model_file, tmp_path, capsys):
     out = str(tmp_path / "p")
     assert calibrate(capsys, "eoc", "--model", model_file, *EXTRACT, "--out", out, "--max-batches", "1")[0] == 0
     code, _, err = calibrate(capsys, "eoc", "--model", model_file, *EXTRACT, "--out", out, "--cfg-scale", "4")
-    assert code == 2 and "cfg_scale" in err and "delete that folder" in err
+    assert code == 2 and "cfg_scale" in err and "pass --overwrite to start again" in err
+
+
+def test_a_finished_prior_is_reused_or_refused_never_replaced_silently(model_file, tmp_path, capsys):
+    out = tmp_path / "p"
+    assert calibrate(capsys, "eoc", "--model", model_file, *EXTRACT, "--out", str(out))[0] == 0
+    before = (out / "tensors.safetensors").read_bytes()
+    code, text, _ = calibrate(capsys, "eoc", "--model", model_file, *EXTRACT, "--out", str(out), "--json")
+    assert code == 0 and json.loads(text)["reused"] is True
+    fewer = [a if a != EXTRACT[EXTRACT.index("--num-samples") + 1] else "2" for a in EXTRACT]
+    code, _, err = calibrate(capsys, "eoc", "--model", model_file, *fewer, "--out", str(out))
+    assert code == 2 and err.strip() == (
+        f"ditcache calibrate: error: {out} holds a finished prior made with other settings (num_samples: "
+        f"{EXTRACT[EXTRACT.index('--num-samples') + 1]} there, 2 asked); pass --overwrite to replace it, or use "
+        "another --out folder")
+    assert (out / "tensors.safetensors").read_bytes() == before
+    code, text, _ = calibrate(capsys, "eoc", "--model", model_file, *fewer, "--out", str(out), "--overwrite", "--json")
+    assert code == 0 and json.loads(text)["K"] == 2
 
 
 def test_goc_statistic_and_excluded_steps(prior, capsys):

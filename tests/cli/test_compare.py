@@ -29,8 +29,11 @@ def test_rows_share_noise_and_the_baseline_is_exact(tmp_path, capsys, model_file
     rows = run(capsys, model_file, tmp_path / "c", "none", "fora:interval=2", "rule:preset=rm-50")
     assert [r["spec"] for r in rows] == ["none", "fora:interval=2", "rule:preset=rm-50"]
     base = rows[0]
-    assert base["psnr_vs_uncached"] == float("inf") and base["max_abs_error_vs_uncached"] == 0
+    # PSNR of identical images is infinite: strict JSON writes it as null, in --json and in compare.json
+    assert base["psnr_vs_uncached"] is None and base["max_abs_error_vs_uncached"] == 0
+    assert "Infinity" not in (tmp_path / "c" / "compare.json").read_text()
     assert base["compute_fraction"] == 1.0 and base["speedup"] == 1.0
+    assert base["speed_repeats"] == 3 and rows[1]["speedup_min"] <= rows[1]["speedup"] <= rows[1]["speedup_max"]
     assert rows[2]["compute_fraction"] == pytest.approx(0.5)  # rm-50 at 4 steps reuses steps 1 and 3
     assert rows[2]["max_abs_error_vs_uncached"] > 0  # reusing half the steps changed the images
 
@@ -39,7 +42,22 @@ def test_resume_reuses_saved_rows(tmp_path, capsys, model_file):
     first = run(capsys, model_file, tmp_path / "c", "fora:interval=2")
     (tmp_path / "c" / "fora_interval=2" / "samples.npz").chmod(0o444)
     again = run(capsys, model_file, tmp_path / "c", "fora:interval=2")
-    assert [r["seconds"] for r in again] == [r["seconds"] for r in first]  # nothing was sampled again
+    assert [r["sample_seconds"] for r in again] == [r["sample_seconds"] for r in first]  # nothing sampled again
+
+
+def test_other_settings_refused_and_no_speed_without_repeats(tmp_path, capsys, model_file):
+    run(capsys, model_file, tmp_path / "c", "fora:interval=2")
+    code = main(["compare", "--model", model_file, "--num-samples", "4", "--steps", "5", "--out", str(tmp_path / "c"),
+                 "--cache", "fora:interval=2"])
+    assert code == 2 and capsys.readouterr().err.strip() == (
+        f"ditcache compare: error: {tmp_path / 'c'} holds a comparison with other settings (steps); pass "
+        "--overwrite to replace it, or use another --out folder")
+    code = main(["compare", "--model", model_file, "--num-samples", "4", "--steps", "5", "--out", str(tmp_path / "c"),
+                 "--cache", "fora:interval=2", "--overwrite", "--repeats", "0"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "speed-up not measured (--repeats 0)" in text and "x  " not in text.splitlines()[1]
+    assert json.loads((tmp_path / "c" / "compare.json").read_text())[1]["speedup"] is None
 
 
 def test_bad_spec_fails_before_sampling(tmp_path, capsys, model_file):
@@ -78,7 +96,7 @@ def test_fid_added_later_reuses_samples_and_pairs_intervals(tmp_path, capsys, mo
     assert all("fid" not in r for r in first)
     assert main(base + ["--fid", "--reference", str(ref), "--bootstrap", "50"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["seconds"] for r in rows] == [r["seconds"] for r in first]  # samples reused, metrics added
+    assert [r["sample_seconds"] for r in rows] == [r["sample_seconds"] for r in first]  # samples reused, metrics added
     none, same, rm50 = rows
     assert "fid_diff" not in none and none["fid_ci_low"] <= none["fid"] <= none["fid_ci_high"]
     # interval 1 reuses nothing: the same images as uncached, so the paired difference is exactly 0

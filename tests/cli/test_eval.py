@@ -144,3 +144,22 @@ def test_inception_score_only_with_the_logits_matrix(tmp_path, monkeypatch, caps
     monkeypatch.undo()
     assert main(args + ["--inception-logits", str(tmp_path / "missing.pth")]) == 2
     assert "missing.pth" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("write,message", [
+    (lambda p: p.write_bytes(b"not a zip"), "is not a .npz: not a zip archive"),
+    (lambda p: (np.savez(p, arr_0=np.zeros((4, 28, 28), np.uint8)), p.write_bytes(p.read_bytes()[:300])),
+     "is not a .npz: not a zip archive"),
+    (lambda p: np.savez(p, arr_0=np.zeros((4, 64, 64, 3), np.uint8)),
+     "samples are 64x64, the reference mnist is 28x28: evaluate against a reference of the samples' own size"),
+    (lambda p: np.savez(p, arr_0=np.zeros((4, 28, 28), np.uint8), labels=np.array([0, 3, 10, 12])),
+     "labels [10, 12] are outside the reference's classes 0..9"),
+])
+def test_unusable_samples_are_one_line_before_any_feature_is_computed(tmp_path, capsys, monkeypatch, write, message):
+    monkeypatch.setenv("DITCACHE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "s.npz"
+    write(path)
+    assert main(["eval", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "cache").exists()

@@ -68,3 +68,11 @@ def test_errors_are_one_line(argv, message, capsys):
     assert main(["schedule", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_readme_png_command_needs_no_depth(tmp_path, capsys):
+    """`ditcache schedule --policy l2c:preset=dit-xl2-ddim20 --png l2c.png`: a preset carries its own size."""
+    path = tmp_path / "l2c.png"
+    assert main(["schedule", "--policy", "l2c:preset=dit-xl2-ddim50", "--png", str(path), "--json"]) == 0
+    schedule = Schedule.from_json(json.loads(capsys.readouterr().out))
+    assert (schedule.num_steps, schedule.depth) == (50, 28) and path.stat().st_size > 0

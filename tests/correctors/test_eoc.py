@@ -155,6 +155,9 @@ def test_spec_and_validation(tmp_path):
         parse_spec(CORRECTORS, "eoc")
     with pytest.raises(FileNotFoundError, match="calibrate eoc"):
         parse_spec(CORRECTORS, f"eoc:prior={tmp_path / 'nothing'}")
+    for gamma in ("nan", "inf", "-inf"):
+        with pytest.raises(ValueError, match=f"eoc gamma must be a finite number, got {gamma}"):
+            parse_spec(CORRECTORS, f"eoc:prior={path},gamma={gamma}")
 
 
 def test_memory_counts_the_prior(tmp_path):

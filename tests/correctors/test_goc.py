@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,8 +14,11 @@ from ditcache.correctors.goc import (PRESETS, GocConfig, GocCorrector, direction
                                      inflection_steps)
 from ditcache.engine import CacheEngine
 from ditcache.policies import make_policy
+from ditcache.policies.l2c import preset_schedule
+from ditcache.policies.rule import schedule_policy
+from ditcache.policies.schedule import Schedule
 from ditcache.registry import parse_spec
-from ditcache.types import Branch, Kind, Site, StepInfo
+from ditcache.types import BRANCHES, Branch, Kind, Site, StepInfo
 
 from .conftest import KEY, STEPS, run_for, run_steps, save_prior
 
@@ -35,7 +39,7 @@ def call(correctors, step, site, kind, feature, num_steps=KEY.steps):
 
 
 def test_hand_computed_queue_with_a_corrected_entry_feeding_the_next_gradient():
-    goc = GocCorrector(GocConfig(w=0.5))
+    goc = GocCorrector(GocConfig(w=0.5, branches="each"))
     goc.reset(run_for(dataclasses.replace(KEY, steps=8)))
     a, b, c = torch.tensor([[1.0, -1.0]]), torch.tensor([[2.0, 0.0]]), torch.tensor([[4.0, 8.0]])
     assert call([goc], 0, A0, COMPUTE, a) is a
@@ -52,7 +56,7 @@ def test_hand_computed_queue_with_a_corrected_entry_feeding_the_next_gradient():
 
 @pytest.mark.parametrize("allowed,expected", [((3,), [2.0]), ((2,), [2.5])])
 def test_steps_outside_the_allowed_set_are_plain_reuse(allowed, expected):
-    goc = GocCorrector(GocConfig(w=0.5, steps=allowed))
+    goc = GocCorrector(GocConfig(w=0.5, steps=allowed, branches="each"))
     goc.reset(run_for(dataclasses.replace(KEY, steps=8)))
     a, b = torch.tensor([1.0]), torch.tensor([2.0])
     call([goc], 0, A0, COMPUTE, a)
@@ -76,7 +80,7 @@ def test_w_zero_equals_plain_reuse_bit_for_bit(loaded, policy):
 
 
 def test_queue_memory_is_counted_once_per_tensor():
-    goc = GocCorrector(GocConfig(w=0.5))
+    goc = GocCorrector(GocConfig(w=0.5, branches="each"))
     goc.reset(run_for(dataclasses.replace(KEY, steps=8)))
     a, b = torch.zeros(2, 3), torch.ones(2, 3)  # 24 bytes each
     call([goc], 0, A0, COMPUTE, a)
@@ -163,7 +167,7 @@ def test_goc_then_eoc_matches_a_hand_computation(tmp_path):
     """used = (Q0 + w (Q0 - Q1)) * (1 + gamma (P[t] - P[s])); P = t on the cond half, 2t on the uncond one."""
     attn = torch.arange(5.0).view(5, 1, 1, 1, 1) * torch.tensor([1.0, 2.0]).view(1, 1, 2, 1, 1)  # (S, L, 2, 1, 1)
     prior = save_prior(tmp_path / "lin", attn, torch.zeros_like(attn))
-    goc, eoc = GocCorrector(GocConfig(w=0.5)), EocCorrector(EocConfig(prior=prior, gamma=0.5, max_step=4))
+    goc, eoc = GocCorrector(GocConfig(w=0.5, branches="each")), EocCorrector(EocConfig(prior=prior, gamma=0.5, max_step=4))
     chain = [goc, eoc]
     for c in chain:
         c.reset(run_for())
@@ -185,3 +189,76 @@ def test_eoc_before_goc_is_refused(loaded, prior_path):
             run_steps(loaded, engine)
     with CacheEngine(loaded.module, make_policy("rule", preset="rm-50"), [GocCorrector(GocConfig()), eoc]) as engine:
         assert len(run_steps(loaded, engine)) == STEPS
+
+
+# -- which reused sites are compensated: both branches of a block (released L2C code) or each ---------
+class Counting(GocCorrector):
+    """GOC that records the (step, site) of every compensated (not plainly reused) feature."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.hits = []
+
+    def correct(self, step, site, cached):
+        out = super().correct(step, site, cached)
+        if out is not cached:
+            self.hits.append((step.index, site))
+        return out
+
+
+@pytest.mark.parametrize("branches,expected", [("both", 168), ("each", 191)])
+def test_published_l2c_ddim20_schedule_compensates_168_sublayers_under_both(branches, expected):
+    """The published DDIM-20 router reuses 191 sub-layers at the l2c preset's steps {3, 5, ..., 15, 19}; in 84
+    blocks both branches are reused (168 sub-layers), which is all the released dynamic_models.py compensates."""
+    schedule = preset_schedule("dit-xl2-ddim20")
+    goc = Counting(GocConfig(w=0.8, preset="l2c", branches=branches))
+    goc.bind(schedule)
+    goc.reset(run_for(dataclasses.replace(KEY, steps=20), depth=28))
+    feature = torch.zeros(1)
+    for step in range(20):  # every site is called at every step, as the engine does
+        for block in range(28):
+            for b, branch in enumerate(BRANCHES):
+                kind = REUSE if schedule.cached[step, block, b] else COMPUTE
+                call([goc], step, Site(block, branch), kind, goc._stored.get(Site(block, branch), feature) if
+                     kind is REUSE else torch.full((1,), float(step)), num_steps=20)
+    assert len(goc.hits) == expected
+    assert all(schedule.cached[t, s.block].all() for t, s in goc.hits) == (branches == "both")
+
+
+def one_branch_schedule(steps=STEPS, depth=3):
+    """Odd steps reuse block 0 whole, block 1's attention only and block 2's MLP only."""
+    cached = np.zeros((steps, depth, 2), dtype=bool)
+    cached[1::2, 0] = True
+    cached[1::2, 1, 0] = True
+    cached[1::2, 2, 1] = True
+    return Schedule(cached, "one-branch")
+
+
+def test_the_engine_hands_the_schedule_over_and_both_skips_single_branch_blocks(loaded):
+    hits = {}
+    for branches in ("both", "each"):
+        goc = Counting(GocConfig(branches=branches))
+        with CacheEngine(loaded.module, schedule_policy(one_branch_schedule()), [goc]) as engine:
+            run_steps(loaded, engine)
+        hits[branches] = sorted(set(goc.hits))
+    # steps 3 and 5 have two entries of history; step 1 has one
+    assert hits["both"] == [(t, Site(0, b)) for t in (3, 5) for b in BRANCHES]
+    assert hits["each"] == sorted(hits["both"] + [(t, s) for t in (3, 5) for s in (Site(1, Branch.ATTN), Site(2, Branch.MLP))])
+
+
+def test_whole_block_schedules_are_the_same_under_both_rules(loaded):
+    outs = {}
+    for branches in ("both", "each"):
+        with CacheEngine(loaded.module, make_policy("rule", preset="rm-50"), [GocCorrector(GocConfig(branches=branches))]) as engine:
+            outs[branches] = run_steps(loaded, engine)
+    assert all(torch.equal(a, b) for a, b in zip(outs["both"], outs["each"]))
+
+
+def test_both_with_a_dynamic_policy_is_a_clear_error(loaded):
+    with CacheEngine(loaded.module, make_policy("toca", ratio=0.5), [GocCorrector(GocConfig())]) as engine:
+        with pytest.raises(ValueError, match="branches=each"):
+            run_steps(loaded, engine)
+    with CacheEngine(loaded.module, make_policy("toca", ratio=0.5), [GocCorrector(GocConfig(branches="each"))]) as engine:
+        assert len(run_steps(loaded, engine)) == STEPS
+    with pytest.raises(ValueError, match="branches"):
+        parse_spec(CORRECTORS, "goc:branches=attn")

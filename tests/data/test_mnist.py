@@ -56,3 +56,28 @@ def test_missing_folder_says_where_files_go(tmp_path, monkeypatch):
     assert mnist.default_mnist_dir() == tmp_path / "elsewhere"
     with pytest.raises(FileNotFoundError, match="elsewhere"):
         load_mnist()
+
+
+def test_truncated_swapped_and_short_files_are_one_line_errors(tmp_path):
+    images = np.zeros((3, 28, 28), np.uint8)
+    _write_idx(tmp_path / "ok", images, np.arange(3))
+    ok = tmp_path / "ok"
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    # truncated download: the gzip stream ends early
+    (bad / mnist.LABELS_FILE).write_bytes((ok / mnist.LABELS_FILE).read_bytes())
+    (bad / mnist.IMAGES_FILE).write_bytes((ok / mnist.IMAGES_FILE).read_bytes()[:30])
+    with pytest.raises(ValueError, match="is not a complete gzip file .*; download it again"):
+        load_mnist(bad)
+    # image and label files swapped
+    (bad / mnist.IMAGES_FILE).write_bytes((ok / mnist.LABELS_FILE).read_bytes())
+    (bad / mnist.LABELS_FILE).write_bytes((ok / mnist.IMAGES_FILE).read_bytes())
+    with pytest.raises(ValueError, match="should be an image file but holds a label file: are the image and label "
+                                         "files swapped"):
+        load_mnist(bad)
+    # a complete gzip whose body is shorter than its header says
+    header = np.array([2051, 3, 28, 28], ">i4").tobytes()
+    (bad / mnist.IMAGES_FILE).write_bytes(gzip.compress(header + images.tobytes()[:100]))
+    (bad / mnist.LABELS_FILE).write_bytes((ok / mnist.LABELS_FILE).read_bytes())
+    with pytest.raises(ValueError, match="holds 100 bytes of data, its header promises 2352"):
+        load_mnist(bad)

@@ -10,7 +10,7 @@ from ditcache.engine import CacheEngine
 from ditcache.models.dit import modulate
 from ditcache.policies import make_policy
 from ditcache.policies.base import Policy
-from ditcache.types import COMPUTE, REUSE, Action, Branch, RunInfo, Site, StepInfo
+from ditcache.types import COMPUTE, REUSE, Action, Branch, Kind, RunInfo, Site, StepInfo
 
 STEPS = 6
 
@@ -216,6 +216,31 @@ def test_trunk_reuse_returns_the_stored_stack_output(dit):
             out = dit.unpatchify(dit.final_layer(stack, c))
             assert torch.equal(out, outs[i])
             x = x - 0.1 * out[:, : dit.in_channels]
+
+
+@pytest.mark.parametrize("running", [(0,), (0, 2)])
+def test_a_block_that_runs_in_a_reused_trunk_computes_its_sites_and_changes_no_output(dit, running):
+    """DuCa's mixed step: block 0 runs (its sites computed and stored), the stack output is still reused,
+    also when the last block runs."""
+    seen = {}
+
+    class RunsFirst(_Scripted):
+        def runs_in_reused_trunk(self, step, block):
+            return block in running
+
+        def observe(self, step, site, action, inputs, output):
+            seen[(step.index, site)] = action.kind
+
+    plain = _Scripted(lambda i, s: COMPUTE, trunk={2})
+    with CacheEngine(dit, plain) as engine:
+        expected = trajectory(dit, engine, steps=3)
+    with CacheEngine(dit, RunsFirst(lambda i, s: COMPUTE, trunk={2})) as engine:
+        outs = trajectory(dit, engine, steps=3)
+        fractions = engine.report()["per_step_compute_fraction"]
+    assert all(torch.equal(a, b) for a, b in zip(outs, expected))  # the output is the reused stack's
+    assert fractions == [1.0, 1.0, pytest.approx(len(running) / dit.depth)]  # the running blocks' sites
+    assert {s: k for (i, s), k in seen.items() if i == 2} == {Site(b, br): Kind.COMPUTE for b in running
+                                                             for br in (Branch.ATTN, Branch.MLP)}
 
 
 def test_reuse_before_compute_is_a_clear_error(dit):

@@ -100,3 +100,34 @@ def test_cache_dir_comes_from_the_environment(monkeypatch, tmp_path):
     assert default_cache_dir() == tmp_path / "env-cache"
     monkeypatch.delenv("DITCACHE_CACHE")
     assert default_cache_dir().name == "ditcache"
+
+
+class InterruptedExtractor(CountingExtractor):
+    """Like CountingExtractor, but Ctrl-C arrives during call number ``stop_at``."""
+
+    def __init__(self, stop_at):
+        super().__init__()
+        self.stop_at = stop_at
+
+    def features(self, images, progress=False):
+        if self.calls + 1 == self.stop_at:
+            raise KeyboardInterrupt
+        return super().features(images, progress)
+
+
+def test_an_interrupted_computation_resumes_at_its_last_chunk(png_folder, tmp_path, monkeypatch):
+    from ditcache.metrics import reference
+
+    monkeypatch.setattr(reference, "CHUNK", 5)  # 12 images: chunks of 5, 5 and 2
+    whole = get_reference(str(png_folder), CountingExtractor(), cache_dir=tmp_path / "a")
+    stub = InterruptedExtractor(stop_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        get_reference(str(png_folder), stub, cache_dir=tmp_path / "b")
+    parts = cache_file(str(png_folder), "stub-a", tmp_path / "b").with_suffix(".parts")
+    assert len(list(parts.glob("chunk_*.npz"))) == 2  # the two finished chunks are kept
+    resumed_stub = CountingExtractor()
+    resumed = get_reference(str(png_folder), resumed_stub, cache_dir=tmp_path / "b")
+    assert resumed_stub.calls == 1  # only the last chunk was computed again
+    assert not parts.exists()
+    for field in ("mu", "sigma", "mu_s", "sigma_s", "pool"):
+        assert np.array_equal(getattr(whole, field), getattr(resumed, field))

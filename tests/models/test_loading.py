@@ -20,7 +20,7 @@ from ditcache.models.loading import (
     save_model,
 )
 
-# hidden 128 with 2 heads follows the official 64-dim-head rule, so heads are inferred correctly.
+# Neither is an official DiT size, so loading them as official-format checkpoints needs num_heads.
 LATENT = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=128, depth=2, num_heads=2, num_classes=10)
 PIXEL = dict(input_size=28, patch_size=4, in_channels=1, hidden_size=64, depth=1, num_heads=1, num_classes=10,
              learn_sigma=False)
@@ -53,7 +53,7 @@ def test_official_pt_round_trip(tmp_path):
     model = tiny()
     path = tmp_path / "DiT-tiny.pt"
     torch.save(model.state_dict(), path)
-    loaded = load_model(path, vae=None)
+    loaded = load_model(path, vae=None, num_heads=2)
     assert isinstance(loaded, LoadedModel) and isinstance(loaded.module, DiT)
     assert same_output(model, loaded)
     assert (loaded.family, loaded.name, loaded.latent_size, loaded.image_size) == ("dit", "DiT-tiny", 8, 64)
@@ -67,24 +67,32 @@ def test_training_checkpoint_prefers_ema(tmp_path):
     path = tmp_path / "0400000.pt"
     torch.save({"model": raw.state_dict(), "ema": ema.state_dict(), "opt": {"lr": torch.tensor(1e-4)},
                 "args": argparse.Namespace(model="DiT-XL/2")}, path)
-    loaded = load_model(path, vae=None)
+    loaded = load_model(path, vae=None, num_heads=2)
     assert same_output(ema, loaded) and not same_output(raw, loaded)
     torch.save({"model": raw.state_dict()}, path)
-    assert same_output(raw, load_model(path, vae=None))
+    assert same_output(raw, load_model(path, vae=None, num_heads=2))
 
 
 def test_ddp_prefix_is_stripped(tmp_path):
     model = tiny()
     torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, tmp_path / "ddp.pt")
-    assert same_output(model, load_model(tmp_path / "ddp.pt", vae=None))
+    assert same_output(model, load_model(tmp_path / "ddp.pt", vae=None, num_heads=2))
 
 
-def test_head_count_inference_and_override(tmp_path):
+def test_an_unofficial_size_needs_the_head_count_and_never_guesses(tmp_path):
+    """A 4-head model of width 64 used to load as 64 // 64 = 1 head and give wrong outputs."""
     model = tiny(hidden_size=64, num_heads=4)
     torch.save(model.state_dict(), tmp_path / "h4.pt")
-    guessed = load_model(tmp_path / "h4.pt", vae=None)
-    assert guessed.module.num_heads == 1 and not same_output(model, guessed)  # 64 // 64
+    with pytest.raises(ValueError, match=r"2 blocks x hidden 64 is not an official DiT size .*--num-heads N"):
+        load_model(tmp_path / "h4.pt", vae=None)
     assert same_output(model, load_model(tmp_path / "h4.pt", vae=None, num_heads=4))
+    with pytest.raises(ValueError, match="does not divide"):
+        load_model(tmp_path / "h4.pt", vae=None, num_heads=3)
+    from safetensors.torch import save_file  # a plain safetensors state dict is read the same way
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "h4.safetensors"))
+    with pytest.raises(ValueError, match="--num-heads"):
+        load_model(tmp_path / "h4.safetensors", vae=None)
 
 
 @pytest.mark.parametrize("name, heads", [("DiT-XL/2", 16), ("DiT-L/4", 16), ("DiT-B/8", 12), ("DiT-S/2", 6)])
@@ -94,12 +102,13 @@ def test_official_sizes_infer_their_heads(name, heads):
     cfg = infer_dit_config(sd)
     assert (cfg["num_heads"], cfg["input_size"], cfg["num_classes"], cfg["learn_sigma"]) == (heads, 32, 1000, True)
     assert loading._preset_name(cfg) == name
+    assert infer_dit_config(sd, num_heads=8)["num_heads"] == 8  # an explicit count overrides
 
 
 def test_pixel_checkpoint_needs_no_vae(tmp_path):
     model = tiny(**PIXEL)
     torch.save(model.state_dict(), tmp_path / "px.pt")
-    loaded = load_model(tmp_path / "px.pt", vae="/no/such/vae")  # never touched for a pixel model
+    loaded = load_model(tmp_path / "px.pt", vae="/no/such/vae", num_heads=1)  # never touched for a pixel model
     assert (loaded.image_size, loaded.latent_size, loaded.guided_channels, loaded.vae) == (28, 28, None, None)
     assert same_output(model, loaded)
 
@@ -128,7 +137,7 @@ def test_plain_safetensors_state_dict_reads_like_official(tmp_path):
 
     model = tiny()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "plain.safetensors"))
-    loaded = load_model(tmp_path / "plain.safetensors", vae=None)
+    loaded = load_model(tmp_path / "plain.safetensors", vae=None, num_heads=2)
     assert loaded.guided_channels == 3 and same_output(model, loaded)
 
 
@@ -192,7 +201,7 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
     sd["blocks.1.extra.weight"] = torch.zeros(1)
     torch.save(sd, tmp_path / "odd.pt")
     with pytest.raises(ValueError, match=r"1 missing \(e.g. \['blocks.1.mlp.fc2.bias'\]\), 1 unexpected"):
-        load_model(tmp_path / "odd.pt", vae=None)
+        load_model(tmp_path / "odd.pt", vae=None, num_heads=2)
 
 
 def test_unreadable_files(tmp_path):
@@ -219,7 +228,7 @@ def test_vae_errors(tmp_path):
         load_vae("ema", local_files_only=True)
     torch.save(tiny().state_dict(), tmp_path / "latent.pt")
     with pytest.raises(FileNotFoundError, match="neither one of"):
-        load_model(tmp_path / "latent.pt", vae=str(tmp_path / "nope"))
+        load_model(tmp_path / "latent.pt", vae=str(tmp_path / "nope"), num_heads=2)
 
 
 def test_save_model_refuses_other_modules(tmp_path):

@@ -1,5 +1,6 @@
 """FORA and the rule presets produce exactly the published schedules; bad schedules are errors."""
 
+import re
 
 import numpy as np
 import pytest
@@ -92,6 +93,22 @@ def test_step_zero_cannot_reuse():
     arr[0, 1, 0] = True
     with pytest.raises(ValueError, match="step 0"):
         Schedule(arr)
+
+
+def test_rule_steps_listed_twice_are_refused():
+    with pytest.raises(ValueError, match=r"rule steps list step\(s\) \[1\] more than once"):
+        parse_spec(POLICIES, "rule:steps=1/1/3")
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("toca:ratio=1.5", "must be in [0, 1], got 1.5"),
+    ("duca:ratio=2", "must be in [0, 1], got 2.0"),
+    ("toca:ratio=nan", "must be in [0, 1], got nan"),
+    ("toca:bonus=inf", "bonus must be a finite number >= 0, got inf"),
+])
+def test_token_policy_options_outside_their_domain_are_refused(spec, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_spec(POLICIES, spec)
 
 
 def test_unknown_names_and_options_are_clear_errors():

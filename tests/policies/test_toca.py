@@ -12,6 +12,7 @@ from ditcache.policies.toca import (
     fresh_counts,
     fresh_ratio,
     interval_at,
+    layer_type,
     step_types,
 )
 from ditcache.registry import parse_spec
@@ -19,8 +20,20 @@ from ditcache.types import Branch, Kind, RunInfo, Site, StepInfo
 
 from ..conftest import tiny_dit
 
-STEPS = 9  # ToCa N = 3 at 9 steps is "fpppfffpf": a partial step with k = 0, then two with k > 0
-DUCA_DDIM50 = "fpapffpapfpapfpapfpfapfapfapfapfpfpfpfpfpfpfpfpfpf"  # methods.md §6.2, step 49 down to 0
+STEPS = 9  # ToCa N = 3 at 9 steps is "fpppPfppf": partial steps with k = 0 and k > 0, and a mixed step 4
+
+# DDIM-50, N = 3, our step 0 (r = 49) first, derived by hand from the authors' cal_type / force_init /
+# force_scheduler (methods.md §6.2 "Correction"). Step 0 is full and sets I = round(3 / (1.4 - 0.8 * 49/50))
+# = round(4.87) = 5; r = 48, 47, 46 are 3, 2, 1 mod 5 (ToCa p p p; DuCa p a p). r = 45 is 0 mod 5, so layer 0
+# is full and re-initialises I = round(3 / 0.68) = round(4.41) = 4; 45 mod 4 = 1, so layers 1-27 are partial:
+# 'P'. r = 44 (I = round(4.31) = 4), 40 (round(3.95) = 4) and 36 (round(3.64) = 4) are full, each followed
+# by 3 non-full steps. r = 32 is 0 mod 4: layer 0 re-initialises I = round(3 / 0.888) = round(3.38) = 3
+# and 32 mod 3 = 2, so layers 1-27 are partial in ToCa ('P') and aggressive in DuCa ('A'). Then r = 31 is 1
+# mod 3, r = 30 full (I = round(3.26) = 3), r = 29, 28 non-full, r = 27 full; from r = 19 down to 10 the
+# window range(int(0.2T), int(0.4T)) = range(10, 20) gives I = 2, and below it round(3 / (1.4 - 0.8 r/50))
+# is 2 as well, so full and partial alternate to the end (r = 0 full).
+TOCA_DDIM50 = "fpppPfpppfpppfpppPpfppfppfppfppfpfpfpfpfpfpfpfpfpf"  # 18 f, 30 p, 2 P
+DUCA_DDIM50 = "fpapPfpapfpapfpapApfapfapfapfapfpfpfpfpfpfpfpfpfpf"  # 18 f, 22 p, 8 a, 1 P, 1 A
 
 
 def inputs(model, batch=4, seed=1):
@@ -55,22 +68,26 @@ def trajectory(model, policy=None, x=None, y=None, steps=STEPS):
 
 
 def reference(model, types, mlp_reused, x, y, steps=STEPS):
-    """Written without the engine: 'f' computes everything; 'p' reuses attention and reuses the MLP
-    of block l where mlp_reused[i][l] (else computes it in full); 'a' reuses the last stack output."""
+    """Written without the engine, layer by layer as the authors' DiTBlock: a layer of type 'f'
+    computes everything; 'p' reuses attention and reuses the MLP where mlp_reused[i][l] (else computes
+    it in full); 'a' is skipped, and a step whose last layer is 'a' reuses the last stack output."""
     store, outs = {}, []
     with torch.no_grad():
         for i in range(steps):
             t = torch.full((x.shape[0],), 999 - 100 * i)
             h, c = model.embed(x, t, y)
-            if types[i] != "a":
-                for l, block in enumerate(model.blocks):
-                    sh1, sc1, g1, sh2, sc2, g2 = block.adaLN_modulation(c).chunk(6, dim=1)
-                    if types[i] == "f":
-                        store[(l, "attn")] = block.attn(modulate(block.norm1(h), sh1, sc1))
-                    h = h + g1.unsqueeze(1) * store[(l, "attn")]
-                    if types[i] == "f" or not mlp_reused[i][l]:
-                        store[(l, "mlp")] = block.mlp(modulate(block.norm2(h), sh2, sc2))
-                    h = h + g2.unsqueeze(1) * store[(l, "mlp")]
+            for l, block in enumerate(model.blocks):
+                kind = layer_type(types[i], l)
+                if kind == "a":
+                    continue
+                sh1, sc1, g1, sh2, sc2, g2 = block.adaLN_modulation(c).chunk(6, dim=1)
+                if kind == "f":
+                    store[(l, "attn")] = block.attn(modulate(block.norm1(h), sh1, sc1))
+                h = h + g1.unsqueeze(1) * store[(l, "attn")]
+                if kind == "f" or not mlp_reused[i][l]:
+                    store[(l, "mlp")] = block.mlp(modulate(block.norm2(h), sh2, sc2))
+                h = h + g2.unsqueeze(1) * store[(l, "mlp")]
+            if layer_type(types[i], len(model.blocks) - 1) != "a":
                 store["stack"] = h
             out = model.unpatchify(model.final_layer(store["stack"], c))
             outs.append(out)
@@ -79,21 +96,30 @@ def reference(model, types, mlp_reused, x, y, steps=STEPS):
 
 
 # -- schedules ------------------------------------------------------------------------------------
-def test_ddim50_n3_has_20_full_and_30_partial_steps():
+def test_ddim50_n3_types_per_layer():
     types = step_types(50, 3)
-    assert (types.count("f"), types.count("p")) == (20, 30)
-    assert types == DUCA_DDIM50.replace("a", "p")  # DuCa splits exactly ToCa's partial steps
+    assert types == TOCA_DDIM50
+    assert (types.count("f"), types.count("p"), types.count("P")) == (18, 30, 2)
+    assert [i for i, c in enumerate(types) if c.isupper()] == [4, 17]  # count-down r = 45 and 32
+    assert [layer_type(types[4], l) for l in (0, 1, 27)] == ["f", "p", "p"]  # only layer 0 is full
+    assert types == DUCA_DDIM50.replace("a", "p").replace("A", "P")  # DuCa splits exactly ToCa's partial layers
 
 
 def test_interval_rule():
     assert interval_at(49, 50, 3) == 5  # round(3 / (1.4 - 0.8 * 49/50)) = round(4.87)
     assert interval_at(30, 50, 3) == 3  # round(3.26)
     assert interval_at(0, 50, 3) == 2  # round(3 / 1.4)
-    assert [interval_at(r, 50, 3) for r in range(10, 20)] == [2] * 10  # the [0.2T, 0.4T) override
-    # the override covers [0.2T, 0.4T) exactly: round(7 / 1.256) = 6 below it, round(7 / 1.08) = 6 at 0.4T
+    assert [interval_at(r, 50, 3) for r in range(10, 20)] == [2] * 10  # range(int(0.2T), int(0.4T))
+    # round(7 / 1.256) = 6 below the window, round(7 / 1.08) = 6 at r = 0.4T
     assert [interval_at(r, 50, 7) for r in (9, 10, 19, 20)] == [6, 2, 2, 6]
-    # the first step is full even off the grid (49 % 3 != 0) and sets I = 5: 48, 47, 46 partial, 45 full
-    assert step_types(50, 3)[:5] == "fpppf"
+    # integer bounds: at T = 9 the window is range(1, 3), not 1.8 <= r < 3.6
+    assert [interval_at(r, 9, 7) for r in (1, 2, 3)] == [2, 2, 6]  # r = 1: not round(7 / 1.31) = 5; r = 3: 6
+    # float32 as the code's torch.tensor: 3 / (1.4 - 0.8 * 11/12) is 4.500000000000001 in float64 (rounds
+    # to 5) and exactly 4.5 in float32, which torch.round takes to the even 4
+    assert interval_at(11, 12, 3) == 4
+    # ratio 0 is the code's FORA mode: I = N at every step, no window
+    assert {interval_at(r, 50, 3, ratio=0.0) for r in range(50)} == {3}
+    assert step_types(9, 3, ratio=0.0) == "fpfppfppf"  # r = 8 full, then every r divisible by 3
 
 
 def test_fresh_ratio_schedule_ddim50():
@@ -107,6 +133,9 @@ def test_fresh_ratio_schedule_ddim50():
     assert (k[:12] == 0).all()  # the first quarter recomputes no token
     full = [i for i, c in enumerate(step_types(50, 3)) if c == "f"]
     assert (k[full] == 0).all()
+    # step 17 (r = 32) is 'P': layer 0 is full (k = 0), layers 1.. are partial; 0.07 * 0.44 * (0.8 + 0.4/27)
+    # * 2.5 * 256 = 16.06
+    assert k[17, 0] == 0 and k[17, 1] == 16 and (k[17, 1:] > 0).all()
 
 
 def test_fresh_ratio_ddpm250_variant_and_general_depth():
@@ -122,7 +151,7 @@ def test_fresh_ratio_ddpm250_variant_and_general_depth():
 def test_policy_plan_registry_and_spec():
     policy = make_policy("toca")
     assert policy.config == TocaConfig(interval=3, ratio=0.07, score="attention", freq_weight=0.25, bonus=0.6)
-    assert policy.plan(50) == step_types(50, 3)
+    assert policy.plan(50) == TOCA_DDIM50
     spec = parse_spec(POLICIES, "toca:interval=4,ratio=0.05,score=vnorm,ratio_schedule=ddpm250")
     assert (spec.config.interval, spec.config.ratio, spec.config.score) == (4, 0.05, "vnorm")
     for bad in ({"score": "entropy"}, {"ratio_schedule": "x"}, {"interval": 0}, {"vnorm_recompute": "big"}):
@@ -139,7 +168,7 @@ def test_scores_that_read_attention_need_the_engine_to_bind_modules():
 # -- runs on the tiny DiT ---------------------------------------------------------------------------
 def test_partial_step_with_every_token_equals_computing_the_mlp():
     dit = tiny_dit()
-    policy = make_policy("toca", ratio=100.0)  # every partial step with a positive ratio takes all 16
+    policy = make_policy("toca", ratio=1.0, mlp_weight=250.0)  # R·m_MLP = 100: every partial step with a positive ratio takes all 16
     x, y = inputs(dit)
     outs, _ = trajectory(dit, policy, x, y)
     k = policy.fresh
@@ -156,10 +185,27 @@ def test_partial_step_with_no_token_equals_plain_reuse_exactly():
     policy = make_policy("toca", ratio=0.0)
     x, y = inputs(dit)
     outs, report = trajectory(dit, policy, x, y)
+    assert policy.types == "fpfppfppf"  # ratio 0: the code's FORA intervals
     ref = reference(dit, policy.types, [[True] * dit.depth] * STEPS, x, y)
     for a, b in zip(outs, ref):
         assert torch.equal(a, b)
-    assert [f for f, c in zip(report["per_step_compute_fraction"], policy.types) if c == "p"] == [0.0] * 4
+    assert [f for f, c in zip(report["per_step_compute_fraction"], policy.types) if c == "p"] == [0.0] * 5
+
+
+def test_mixed_step_computes_layer_zero_only_and_matches_the_loop():
+    """Step 4 (r = 4, "fpppPfppf") is full in layer 0, which re-initialises I = 2; layers 1, 2 are partial."""
+    dit = tiny_dit()
+    policy = make_policy("toca", ratio=1.0, mlp_weight=1000.0)  # a partial layer with a positive ratio takes all 16 tokens
+    x, y = inputs(dit)
+    outs, report = trajectory(dit, policy, x, y)
+    assert policy.types[4] == "P" and policy.fresh[4].tolist() == [0, 16, 16]
+    assert [policy.action(StepInfo(4, STEPS), Site(0, b)).kind for b in (Branch.ATTN, Branch.MLP)] == [Kind.COMPUTE] * 2
+    assert policy.action(StepInfo(4, STEPS), Site(1, Branch.ATTN)).kind is Kind.REUSE
+    # layer 0 both sub-layers, layers 1 and 2 all 16 MLP tokens: 4 of 6 sub-layer calls
+    assert report["per_step_compute_fraction"][4] == pytest.approx(4 / 6, abs=1e-12)
+    ref = reference(dit, policy.types, (policy.fresh == 0).tolist(), x, y)
+    for a, b in zip(outs, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # permuted-row matmul rounding, as below
 
 
 def test_counters_follow_the_fresh_table_and_attention_is_reused():
@@ -167,7 +213,8 @@ def test_counters_follow_the_fresh_table_and_attention_is_reused():
     policy = make_policy("toca", ratio=0.5)
     _, report = trajectory(dit, policy)
     k = policy.fresh
-    expected = [1.0 if c == "f" else k[i].sum() / 16 / (2 * dit.depth) for i, c in enumerate(policy.types)]
+    full = [[layer_type(c, l) == "f" for l in range(dit.depth)] for c in policy.types]
+    expected = [(2 * sum(f) + k[i].sum() / 16) / (2 * dit.depth) for i, f in enumerate(full)]
     assert report["per_step_compute_fraction"] == pytest.approx(expected, abs=1e-12)
     assert 0 < k[2].sum() < 16 * dit.depth  # a real partial step
     assert policy.action(StepInfo(2, STEPS), Site(0, Branch.ATTN)).kind is Kind.REUSE
@@ -179,10 +226,12 @@ def test_scoring_cost_is_reported_for_the_full_steps_that_feed_partial_steps(sco
     dit = tiny_dit()
     policy = make_policy("toca", ratio=0.5, score=score)
     _, report = trajectory(dit, policy)
-    # "fpppfffpf": full steps 0 and 6 are followed by partial steps with k > 0; 4, 5, 8 are not
+    # "fpppPfppf": k > 0 at step 2 and 3 (all layers), 4 (layers 1, 2) and 6, 7 (all layers). Layers 1, 2
+    # were last full at step 0 before that; layer 0 at step 4, but its next partial step comes after the
+    # full step 5. So step 0 scores every layer and step 5 every layer; steps 4 and 8 score none.
     scored = [(i, l) for i in range(STEPS) for l in range(dit.depth) if policy.scored[i, l]]
     if score != "random":
-        assert scored == [(i, l) for i in (0, 6) for l in range(dit.depth)]
+        assert scored == [(i, l) for i in (0, 5) for l in range(dit.depth)]
     assert report["extra_macs"] == 4 * per_layer * len(scored)  # batch 4
     assert report["macs_run"] > report["extra_macs"]
 

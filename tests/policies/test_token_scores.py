@@ -158,8 +158,23 @@ def test_random_selection_is_reproducible_per_seed():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
     assert not torch.equal(a[0], a[1])  # fresh draws at every step
+
+
+def test_random_scores_are_raw_uniform_and_shared_by_the_guidance_halves():
+    """As the authors' score_evaluate: torch.rand(B/2, N), the same draw for [cond; uncond], no normalising."""
     g = torch.Generator().manual_seed(0)
-    assert random_score(2, 16, g).norm(dim=1).tolist() == pytest.approx([1.0, 1.0])
+    expected = torch.rand(2, 16, generator=torch.Generator().manual_seed(0))  # (B/2, N)
+    shared = random_score(4, 16, g, shared_halves=True)
+    assert torch.equal(shared, torch.cat([expected, expected]))  # raw values: rows do not have unit norm
+    own = random_score(4, 16, torch.Generator().manual_seed(0))
+    assert torch.equal(own[:2], expected) and not torch.equal(own[:2], own[2:])  # no guidance: a row each
+    with pytest.raises(ValueError, match="two equal halves"):
+        random_score(3, 16, g, shared_halves=True)
+    # through the scorer: with equal cache ages, both halves of a sample recompute the same tokens
+    s = TokenScorer("random", 3, 0.25, 0.8, shared_halves=True)
+    s.computed(0, torch.zeros(4, 16))
+    picks = s.select(0, 5)
+    assert torch.equal(picks[:2], picks[2:]) and not torch.equal(picks[0], picks[1])
 
 
 def test_unknown_scores_and_missing_state_are_clear_errors():

@@ -13,7 +13,7 @@ from ditcache.cli.main import main
 from ditcache.engine import CacheEngine
 from ditcache.models.loading import load_model, save_model
 from ditcache.sampling.generate import SampleConfig, generate
-from ditcache.sampling.sharded import assemble, claim_folder, run_shard, shard_path
+from ditcache.sampling.sharded import assemble, recover, run_shard, shard_path
 
 from ..conftest import tiny_dit
 
@@ -51,10 +51,25 @@ def test_resume_redoes_only_missing_batches_and_assembly_checks_completeness(tmp
     assert np.array_equal(images, generate(loaded, config).images)
 
 
-def test_a_folder_with_other_settings_is_refused(tmp_path):
-    claim_folder(tmp_path, {"seed": 0}, rank=0)
-    with pytest.raises(ValueError, match="seed"):
-        claim_folder(tmp_path, {"seed": 1}, rank=0)
+def test_stray_shards_beside_complete_samples_are_removed_and_damaged_shards_redone(tmp_path, model_file, capsys):
+    loaded = load_model(model_file)
+    config = SampleConfig(num_samples=6, batch_size=2, steps=3)
+    out = tmp_path / "run"
+    with CacheEngine(loaded.module) as engine:
+        run_shard(loaded, config, engine, out)
+        good = assemble(out, config, keep_shards=True)[0]
+        # a concurrent run's stray shard beside a complete samples.npz: removed, samples kept
+        assert recover(out, config) == [f"removed 3 stray shard(s) beside the complete {out / 'samples.npz'}"]
+        assert np.array_equal(np.load(out / "samples.npz")["arr_0"], good)
+        # a truncated samples.npz and a truncated shard: the first is removed, the second redone
+        run_shard(loaded, config, engine, out)
+        (out / "samples.npz").write_bytes((out / "samples.npz").read_bytes()[:100])
+        shard_path(out, 2).write_bytes(shard_path(out, 2).read_bytes()[:50])
+        assert "incomplete" in recover(out, config)[0]
+        again = run_shard(loaded, config, engine, out)
+    assert (again["batches"], again["resumed_batches"]) == (1, 2)
+    assert "batch000002.npz is unreadable or incomplete; sampling batch 2 again" in capsys.readouterr().err
+    assert np.array_equal(assemble(out, config)[0], good)
 
 
 def _torchrun(model_file, out):

@@ -2,7 +2,8 @@
 
 Every comparison first samples the uncached baseline, then each cache spec, in one process with
 the same SampleConfig, so the fidelity figures (PSNR, SSIM, max abs error) compare the same
-trajectories and the speed-up is a same-process wall-clock ratio. The MACs ratio from the engine's
+trajectories; the speed-up is measured as ``ditcache bench`` measures it (interleaved repeats in
+this process, median with min-max), never from the sampling runs, which may span processes. The MACs ratio from the engine's
 counters is always reported beside it (design.md §6: never call a MACs ratio a speed-up).
 
 With ``--fid`` every row also gets FID with a 95% bootstrap interval and, because all rows come
@@ -10,9 +11,11 @@ from the same noise and labels index by index, the FID *difference* to the uncac
 paired bootstrap interval (the same resampled indices for both rows; ``metrics/bootstrap.py``);
 a difference whose interval contains 0 is marked not significant.
 
-Each configuration's samples and figures are written to ``out/<slug>/`` atomically as soon as they
-exist; a rerun with the same sampling settings reuses the samples (and the metrics, when their
-settings match too), so an interrupted comparison resumes and ``--fid`` can be added afterwards.
+Each configuration's samples and quality figures are written to ``out/<slug>/`` atomically as soon
+as they exist; a rerun with the same sampling settings reuses the samples (and the metrics, when
+their settings match too), so an interrupted comparison resumes and ``--fid`` can be added
+afterwards. ``out`` is claimed by ``ditcache.outdir`` with the sampling settings: other sampling
+settings are refused unless ``overwrite``.
 """
 
 from __future__ import annotations
@@ -31,14 +34,17 @@ from ..engine import CacheEngine
 from ..images import save_npz
 from ..metrics.bootstrap import REPLICATES
 from ..metrics.fidelity import fidelity
+from ..outdir import claim
 from ..policies.base import POLICIES
 from ..atomic import write_atomic
 from ..policies.schedule import write_json_atomic
 from ..registry import parse_spec
 from ..sampling.generate import SampleConfig, generate
+from ..strict_json import dumps
 
 BASELINE = "none"
-SAMPLING_KEYS = ("spec", "settings", "seconds", "compute_fraction", "macs_ratio", "cache_peak_bytes", "labels")
+SAMPLING_KEYS = ("spec", "settings", "sample_seconds", "seconds", "compute_fraction", "macs_ratio",
+                 "cache_peak_bytes", "labels")
 HIDDEN = ("labels", "settings", "metrics")  # kept in row.json, left out of compare.json and --json
 
 
@@ -62,6 +68,8 @@ class CompareOptions:
     classifier: bool = True  # class accuracy with the shipped digit classifier (MNIST models)
     device: str = "cpu"
     progress: bool = True
+    repeats: int = 3  # interleaved timing repeats of one batch per configuration; 0: no speed-up
+    overwrite: bool = False  # replace a comparison made with other settings
     bootstrap: int = REPLICATES  # replicates for the FID intervals; 0 turns them off
 
     def metric_settings(self) -> dict:
@@ -79,13 +87,6 @@ def run_config(loaded, config: SampleConfig, spec: str, options: CompareOptions)
     with CacheEngine(loaded.module, policy, correctors) as engine:
         result = generate(loaded, config, engine=engine, device=options.device)
     return result
-
-
-def warm_up(loaded, config: SampleConfig, device: str) -> None:
-    """One short untimed run at the real batch size (thread pool, allocator, caches), so that the
-    first timed configuration, the baseline every speed-up divides by, pays no start-up cost."""
-    n = min(config.batch_size, config.num_samples)
-    generate(loaded, dataclasses.replace(config, num_samples=n, steps=min(2, config.steps)), device=device)
 
 
 def quality(images: np.ndarray, labels: np.ndarray, base: np.ndarray, options: CompareOptions, is_mnist: bool,
@@ -141,58 +142,88 @@ def _sampling_settings(row: dict) -> dict:
 
 def compare(loaded, config: SampleConfig, specs: Sequence[str], out: str | Path,
             options: CompareOptions = CompareOptions()) -> list[dict]:
-    """One row per spec (the uncached baseline first); resumes from ``out``."""
+    """One row per spec (the uncached baseline first); resumes from ``out``.
+
+    Quality figures are kept in ``out/<slug>/row.json`` and reused by a rerun with the same settings.
+    Speed is never reused: with ``options.repeats`` > 0 every configuration is timed again in this
+    process on one batch, in interleaved repeats (``bench.speed.time_policies``), so no speed-up
+    divides times from different processes; with 0 no speed-up is reported.
+    """
     for spec in specs:
         parse_cache(spec)  # every spec is checked before any sampling starts
+    if options.repeats < 0:
+        raise ValueError(f"--repeats must be >= 0, got {options.repeats}")
     out = Path(out)
     settings = {"model": loaded.fingerprint, **dataclasses.asdict(config)}
     metrics = options.metric_settings()
     is_mnist = loaded.in_channels == 1 and loaded.image_size == 28 and loaded.num_classes == 10
-    rows, base_images, base_seconds = [], None, None
-    warmed = False
-    for spec in [BASELINE] + [s for s in specs if s != BASELINE]:
-        folder = out / slug(spec)
-        saved = folder / "row.json"
-        row = json.loads(saved.read_text()) if saved.is_file() else None
-        if row is not None and _sampling_settings(row) == settings:
-            images = np.load(folder / "samples.npz")["arr_0"]
-            fresh = row.get("metrics") == metrics and (not options.fid or (folder / "features.npz").is_file())
-            if not fresh:  # same samples, other metrics: measure them again
-                row = {k: v for k, v in row.items() if k in SAMPLING_KEYS} | {"settings": settings}
-                base = images if base_images is None else base_images
-                row.update(quality(images, np.asarray(row["labels"]), base, options, is_mnist, folder), metrics=metrics)
-                write_json_atomic(saved, row)
-            if options.progress:
-                print(f"{spec}: reused samples{' and metrics' if fresh else ''} from {folder}")
-        else:
-            if not warmed:
-                warm_up(loaded, config, options.device)
-                warmed = True
-            if options.progress:
-                print(f"{spec}: sampling {config.num_samples} images")
-            result = run_config(loaded, config, spec, options)
-            images = result.images
-            save_npz(folder / "samples.npz", images, result.labels)
-            row = {"spec": spec, "settings": settings, "seconds": result.seconds,
-                   "compute_fraction": result.report["compute_fraction"],
-                   "macs_ratio": result.report["macs_ratio"],
-                   "cache_peak_bytes": result.report.get("cache_peak_bytes", 0),
-                   "labels": result.labels.tolist()}
-            base = images if base_images is None else base_images
-            row.update(quality(images, result.labels, base, options, is_mnist, folder), metrics=metrics)
-            write_json_atomic(saved, row)
-        if base_images is None:
-            base_images, base_seconds = images, row["seconds"]
-        row["speedup"] = base_seconds / row["seconds"]
-        row["macs_speedup_bound"] = 1.0 / row["macs_ratio"]
-        rows.append(row)
-    if options.fid and options.bootstrap:
-        add_intervals(rows, out, options)
-    write_json_atomic(out / "compare.json", [{k: v for k, v in r.items() if k not in HIDDEN} for r in rows])
+    specs = [BASELINE] + [s for s in specs if s != BASELINE]
+    rows, base_images = [], None
+    with claim(out, settings, options.overwrite, "a comparison"):
+        for spec in specs:
+            row, images = _quality_row(loaded, config, spec, out / slug(spec), settings, metrics, base_images,
+                                       options, is_mnist)
+            base_images = images if base_images is None else base_images
+            row["macs_speedup_bound"] = 1.0 / row["macs_ratio"]
+            rows.append(row)
+        if options.fid and options.bootstrap:
+            add_intervals(rows, out, options)
+        _add_speed(rows, loaded, config, specs, options)
+        write_json_atomic(out / "compare.json", [{k: v for k, v in r.items() if k not in HIDDEN} for r in rows])
     return rows
 
 
+def _quality_row(loaded, config, spec, folder, settings, metrics, base_images, options, is_mnist):
+    """(row, images) of one configuration. Samples are read from ``folder`` when made with these
+    sampling settings, their metrics measured again when made with other metric settings; else sampled."""
+    saved = folder / "row.json"
+    row = json.loads(saved.read_text()) if saved.is_file() else None
+    if row is not None and _sampling_settings(row) == json.loads(dumps(settings)):
+        with np.load(folder / "samples.npz") as data:
+            images = data["arr_0"]
+        fresh = row.get("metrics") == json.loads(dumps(metrics)) and (not options.fid or (folder / "features.npz").is_file())
+        if not fresh:  # same samples, other metrics: measure them again
+            row = {k: v for k, v in row.items() if k in SAMPLING_KEYS} | {"settings": settings}
+            base = images if base_images is None else base_images
+            row.update(quality(images, np.asarray(row["labels"]), base, options, is_mnist, folder), metrics=metrics)
+            write_json_atomic(saved, row)
+        if options.progress:
+            print(f"{spec}: reused samples{' and metrics' if fresh else ''} from {folder}")
+        return row, images
+    if options.progress:
+        print(f"{spec}: sampling {config.num_samples} images")
+    result = run_config(loaded, config, spec, options)
+    save_npz(folder / "samples.npz", result.images, result.labels)
+    row = {"spec": spec, "settings": settings, "sample_seconds": result.seconds,
+           "compute_fraction": result.report["compute_fraction"], "macs_ratio": result.report["macs_ratio"],
+           "cache_peak_bytes": result.report.get("cache_peak_bytes", 0), "labels": result.labels.tolist()}
+    row.update(quality(result.images, result.labels, result.images if base_images is None else base_images,
+                       options, is_mnist, folder), metrics=metrics)
+    write_json_atomic(saved, row)
+    return row, result.images
+
+
+def _add_speed(rows: list[dict], loaded, config: SampleConfig, specs: list[str], options: CompareOptions) -> None:
+    """Median speed-up over interleaved repeats of one batch, with min-max and any warning; None without repeats."""
+    for row in rows:
+        row.update(speedup=None, speedup_min=None, speedup_max=None, speed_repeats=options.repeats, warning=None)
+    if options.repeats == 0:
+        return
+    from .speed import time_policies
+
+    timing = dataclasses.replace(config, num_samples=min(config.batch_size, config.num_samples))
+    if options.progress:
+        print(f"timing {len(specs)} configurations on one batch of {timing.num_samples}, {options.repeats} "
+              "interleaved repeats")
+    timed = time_policies(loaded, timing, specs, options.repeats, options.device, progress=False)
+    for row, t in zip(rows, timed):
+        d = t.as_dict()
+        row.update(speedup=d["speedup"], speedup_min=d["speedup_min"], speedup_max=d["speedup_max"],
+                   warning=d["warning"] if options.repeats > 1 else None)
+
+
 COLUMNS = [("spec", "{}"), ("compute_fraction", "{:.3f}"), ("macs_ratio", "{:.3f}"), ("speedup", "{:.2f}x"),
+           ("speedup_range", "{}"),
            ("psnr_vs_uncached", "{:.2f}"), ("ssim_vs_uncached", "{:.4f}"), ("max_abs_error_vs_uncached", "{:.0f}"),
            ("class_accuracy", "{:.4f}"), ("fid", "{:.2f}"), ("fid_diff", "{:+.2f}"), ("sfid", "{:.2f}"),
            ("precision", "{:.3f}"), ("recall", "{:.3f}")]
@@ -215,12 +246,19 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 def table(rows: list[dict]) -> str:
     """A plain-text table of the columns any row has. FID intervals are 95% bootstrap intervals;
     fid_diff is FID minus the uncached row's, paired over the shared noise."""
+    rows = [{**r, "speedup_range": f"{r['speedup_min']:.2f}-{r['speedup_max']:.2f}"} if r.get("speedup_min")
+            is not None else r for r in rows]
     cols = [(k, f) for k, f in COLUMNS if any(r.get(k) is not None for r in rows)]
     cells = [[k for k, _ in cols]]
     for r in rows:
         cells.append([_cell(r, k, f) for k, f in cols])
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells)
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    repeats = rows[0].get("speed_repeats") if rows else None
+    lines.append(f"speed-up: median (min-max) of {repeats} interleaved repeats of one batch in this process"
+                 if repeats else "speed-up not measured (--repeats 0); the MACs ratio is not a speed-up")
+    lines += [f"warning: {r['warning']}" for r in rows if r.get("warning")]
+    return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: str | Path, metric: Optional[str] = None) -> str:
@@ -231,14 +269,16 @@ def plot(rows: list[dict], path: str | Path, metric: Optional[str] = None) -> st
     import matplotlib.pyplot as plt
 
     metric = metric or next(m for m in ("fid", "class_accuracy", "psnr_vs_uncached") if rows[0].get(m) is not None)
+    x_key = "speedup" if all(r.get("speedup") is not None for r in rows) else "macs_speedup_bound"
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
         y = r.get(metric)
         if y is None or (isinstance(y, float) and not np.isfinite(y)):
             continue
-        ax.scatter(r["speedup"], y)
-        ax.annotate(r["spec"], (r["speedup"], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("measured speed-up over uncached (same process)")
+        ax.scatter(r[x_key], y)
+        ax.annotate(r["spec"], (r[x_key], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("measured speed-up over uncached (median of interleaved repeats)" if x_key == "speedup"
+                  else "MACs bound 1 / macs_ratio (speed not measured)")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -1,7 +1,10 @@
 """Latency benchmark: measured wall-clock speed-up of cache policies against the MACs bound.
 
 Every policy runs the same sampling job in one process, after one untimed warm-up; each is timed
-``repeats`` times, the configurations taking turns, and the median kept. The table puts the
+``repeats`` times, the configurations taking turns, and the median kept with its min-max. A
+speed-up is the median over repeats of the paired ratio (reference's repeat r / this spec's repeat
+r), so a machine that drifts moves both sides of each ratio alike; a median above the MACs bound or
+a single repeat comes with a warning, never alone. The table puts the
 measured speed-up beside the bound the engine's MACs counters allow (1 / macs_ratio), their ratio
 (the share of the bound realised), and the share of the wall-clock spent inside the correctors
 (EOC, GOC), timed in the engine around their calls: the in-process latency overhead of a
@@ -11,7 +14,8 @@ corrector, free of run-to-run noise.
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -22,6 +26,7 @@ from ..sampling.generate import SampleConfig, generate
 from .compare import parse_cache
 
 BARE = "bare"  # no engine: the cost of the engine itself is "none" against this
+ABOVE_BOUND = 1.02  # a median speed-up more than 2% above 1 / macs_ratio cannot be real: warn
 DEFAULT_SPECS = (BARE, "none", "rule:preset=rm-25", "rule:preset=rm-50", "fora:interval=2", "fora:interval=3")
 
 
@@ -52,17 +57,32 @@ class SpeedRow:
     compute_fraction: float
     macs_ratio: float
     corrector_seconds: float = 0.0  # median over repeats of the time inside the correctors
-    speedup: float = 1.0
+    speedup: float = 1.0  # median over repeats of the paired ratio reference_r / this_r
+    speedup_all: list = field(default_factory=list)  # the paired ratio of every repeat
 
     @property
     def bound(self) -> float:
         return 1.0 / self.macs_ratio
 
+    @property
+    def warning(self) -> Optional[str]:
+        """Why this figure should not be quoted as it is, or None."""
+        if len(self.seconds_all) < 2:
+            return f"{self.spec}: one repeat, so no spread: time it with --repeats 3 or more"
+        if self.speedup > self.bound * ABOVE_BOUND:
+            return (f"{self.spec}: measured speed-up {self.speedup:.2f}x is above its MACs bound {self.bound:.2f}x "
+                    f"(spread {min(self.speedup_all):.2f}-{max(self.speedup_all):.2f}x): the machine's speed changed "
+                    "during the benchmark; rerun on a quiet machine or with more --repeats")
+        return None
+
     def as_dict(self) -> dict:
         return {"spec": self.spec, "seconds": self.seconds, "seconds_all": self.seconds_all,
-                "compute_fraction": self.compute_fraction, "macs_ratio": self.macs_ratio,
-                "speedup": self.speedup, "macs_bound": self.bound, "share_of_bound": self.speedup / self.bound,
-                "corrector_seconds": self.corrector_seconds, "corrector_share": self.corrector_seconds / self.seconds}
+                "repeats": len(self.seconds_all), "compute_fraction": self.compute_fraction,
+                "macs_ratio": self.macs_ratio, "speedup": self.speedup, "speedup_all": self.speedup_all,
+                "speedup_min": min(self.speedup_all), "speedup_max": max(self.speedup_all),
+                "macs_bound": self.bound, "share_of_bound": self.speedup / self.bound,
+                "corrector_seconds": self.corrector_seconds, "corrector_share": self.corrector_seconds / self.seconds,
+                "warning": self.warning}
 
 
 def time_policies(loaded, config: SampleConfig, specs=DEFAULT_SPECS, repeats: int = 3, device: str = "cpu",
@@ -70,6 +90,8 @@ def time_policies(loaded, config: SampleConfig, specs=DEFAULT_SPECS, repeats: in
     """Median wall-clock of ``generate`` per spec; the first spec is the reference for speed-ups.
 
     The spec "bare" times the model without any engine, so "none" against it is the engine's cost."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     def run(spec):
         if spec == BARE:  # the model with no engine installed at all
             return generate(loaded, config, device=device)
@@ -77,6 +99,12 @@ def time_policies(loaded, config: SampleConfig, specs=DEFAULT_SPECS, repeats: in
         with CacheEngine(loaded.module, policy, correctors) as engine:
             return generate(loaded, config, engine=engine, device=device)
 
+    return round_robin(run, specs, repeats, progress)
+
+
+def round_robin(run, specs, repeats: int = 3, progress: bool = True) -> list[SpeedRow]:
+    """Time ``run(spec)`` (which returns an object with ``seconds`` and ``report``) for every spec after
+    one warm-up of the first; speed-ups are against the first spec."""
     run(specs[0])  # warm-up: allocator, thread pool, caches
     # round-robin: repeat r of every spec runs before repeat r + 1 of any, so a machine that speeds
     # up or slows down during the benchmark biases no configuration against another
@@ -93,16 +121,21 @@ def time_policies(loaded, config: SampleConfig, specs=DEFAULT_SPECS, repeats: in
                              report.get("compute_fraction", 1.0), report.get("macs_ratio", 1.0),
                              statistics.median(x.report.get("corrector_seconds", 0.0) for x in runs)))
     for row in rows:
-        row.speedup = rows[0].seconds / row.seconds
+        row.speedup_all = [a / b for a, b in zip(rows[0].seconds_all, row.seconds_all)]  # paired by repeat
+        row.speedup = statistics.median(row.speedup_all)
     return rows
 
 
 def speed_table(rows: list[SpeedRow]) -> str:
-    head = (f"{'policy':<22}{'seconds':>9}{'compute':>9}{'MACs':>7}{'speed-up':>10}{'MACs bound':>12}{'share':>7}"
-            f"{'correctors':>12}")
+    """Median seconds and speed-up with their min-max over the repeats, the MACs bound, and warnings."""
+    head = (f"{'policy':<22}{'seconds (min-max)':>22}{'compute':>9}{'MACs':>7}{'speed-up (min-max)':>22}"
+            f"{'MACs bound':>12}{'share':>7}{'correctors':>12}")
     lines = [head]
     for r in rows:
-        lines.append(f"{r.spec:<22}{r.seconds:>9.3f}{r.compute_fraction:>9.3f}{r.macs_ratio:>7.3f}"
-                     f"{r.speedup:>9.2f}x{r.bound:>11.2f}x{r.speedup / r.bound:>7.0%}"
-                     f"{r.corrector_seconds / r.seconds:>12.2%}")
+        secs = f"{r.seconds:.3f} ({min(r.seconds_all):.3f}-{max(r.seconds_all):.3f})"
+        speed = f"{r.speedup:.2f}x ({min(r.speedup_all):.2f}-{max(r.speedup_all):.2f})"
+        lines.append(f"{r.spec:<22}{secs:>22}{r.compute_fraction:>9.3f}{r.macs_ratio:>7.3f}{speed:>22}"
+                     f"{r.bound:>11.2f}x{r.speedup / r.bound:>7.0%}{r.corrector_seconds / r.seconds:>12.2%}")
+    lines.append(f"median of {len(rows[0].seconds_all)} interleaved repeats in one process")
+    lines += [f"warning: {r.warning}" for r in rows if r.warning]
     return "\n".join(lines)

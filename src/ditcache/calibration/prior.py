@@ -159,10 +159,34 @@ def _resume(partial: Path, key: ArtifactKey, settings: dict):
     if diff:
         detail = ", ".join(f"{k}: partial {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"a partial extraction at {partial} was made with other settings ({detail}); "
-                         "resume with the same settings or delete that folder")
+                         "resume with the same settings, or pass --overwrite to start again")
     sums = {b.value: art.tensors[f"{b.value}_sum"] for b in BRANCHES}
     meta = art.meta
     return PriorRecorder(sums, meta["done"]), meta["done"], meta["seconds"], meta["model_calls"]
+
+
+def _finished(out: Path, key: ArtifactKey, settings: dict) -> Optional[ExtractResult]:
+    """The finished prior at ``out`` when it was made with these settings; ValueError when with others.
+
+    A finished prior is never replaced silently: asking for K=10 where K=20 was extracted is an
+    error (``--overwrite`` empties the folder first), and asking for the same one returns it unchanged.
+    """
+    if not (out / "manifest.json").is_file():
+        return None
+    art = load_artifact(out, PRIOR_KIND)
+    made = {"num_samples": art.meta.get("K"), "batch_size": art.meta.get("batch_size"), "seed": art.meta.get("seed"),
+            "labels": art.meta.get("labels"), "dtype": art.meta.get("dtype")}
+    diff = {k: (a, b) for k, (a, b) in art.key.mismatches(key).items()}
+    diff.update({k: (made[k], v) for k, v in settings.items() if made.get(k) != v})
+    if diff:
+        detail = ", ".join(f"{k}: {a!r} there, {b!r} asked" for k, (a, b) in diff.items())
+        raise ValueError(f"{out} holds a finished prior made with other settings ({detail}); pass --overwrite to "
+                         "replace it, or use another --out folder")
+    report = {"path": str(out), "finished": True, "reused": True, "K": art.meta["K"], "resumed_from": art.meta["K"],
+              "seconds": art.meta["seconds"], "forwards": art.meta["forwards"], "model_calls": art.meta["model_calls"],
+              "steps": key.steps, "sampler": key.sampler, "cfg_scale": key.cfg_scale, "dtype": art.meta["dtype"],
+              "shape": list(art.tensors["attn"].shape), "bytes": artifact_bytes(out)}
+    return ExtractResult(out, report)
 
 
 def extract_prior(loaded, config: SampleConfig, out, dtype: str = "float32", progress: bool = False,
@@ -184,6 +208,9 @@ def extract_prior(loaded, config: SampleConfig, out, dtype: str = "float32", pro
     partial = out / "partial"
     key = ArtifactKey.for_run(loaded, config.sampler, config.steps, config.cfg_scale)
     settings = _settings(config)
+    finished = _finished(out, key, {**settings, "dtype": dtype})
+    if finished is not None:
+        return finished
     recorder, done, seconds, model_calls = _resume(partial, key, settings)
     resumed_from = done
     indices = list(range(config.num_samples))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ import torch.distributed as dist
 
 from ..adapters import adapter_for
 from ..checkpoints import load_resumable, save_checkpoint
+from ..finite import NonFiniteError
 from ..policies.l2c import ARTIFACT_KIND, DEFAULT_THRESHOLD, cache_steps, check_threshold
 from ..sampling.diffusion import GaussianDiffusion
 from ..sampling.loops import respaced_diffusion, sample
@@ -297,6 +299,10 @@ class RouterTrainer:
         self.gen.set_state(state["gens"][self.rank])
         self.iteration, self.seconds = state["iteration"], state["seconds"]
 
+    def _kept(self) -> str:
+        return (f"{self.ckpt_path} keeps the last checkpointed state" if self.ckpt_path.is_file()
+                else "no checkpoint was written yet")
+
     def save_checkpoint(self) -> None:
         """Every process hands over its random state; process 0 writes, atomically."""
         gens = _all_gather(self.gen.get_state(), self.world)
@@ -325,6 +331,9 @@ class RouterTrainer:
         """One iteration: local gradients, averaged over processes, AdamW, clamp."""
         self.opt.zero_grad(set_to_none=True)
         stats = self.local_step()
+        if not math.isfinite(stats["loss"]):  # already a float: no extra synchronisation
+            raise NonFiniteError(f"router training iteration {self.iteration + 1}: the loss is {stats['loss']}; "
+                                 f"stopped before the update; {self._kept()}")
         average_router_grads(self.router, self.world)
         self.opt.step()
         self.router.clamp_()

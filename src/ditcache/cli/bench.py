@@ -7,10 +7,11 @@ import os
 
 import torch
 
+from ..bench.pipeline_speed import PIPELINE_SPECS, time_pipeline
 from ..bench.speed import BARE, DEFAULT_SPECS, random_dit, speed_table, time_policies
 from ..models.loading import load_model
 from ..sampling.generate import SampleConfig
-from .common import print_json
+from .common import add_num_heads_arg, print_json
 
 
 def add_parser(sub) -> None:
@@ -24,17 +25,44 @@ def add_parser(sub) -> None:
     p.add_argument("--cache", action="append", default=None, metavar="CACHE",
                    help=f"configuration to time (repeatable; default: {', '.join(DEFAULT_SPECS)})")
     p.add_argument("--model", default="mnist", help="the small model (default: mnist)")
+    add_num_heads_arg(p)
     p.add_argument("--xl", default="DiT-XL/2", help="size preset of the random-weight model; 'skip' to skip it")
     p.add_argument("--xl-steps", type=int, default=8, help="DDIM steps for the large model (default: 8)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps for the small model (default: 20)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per batch for the small model")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--pipeline", choices=["pixart-alpha"], default=None,
+                   help="instead: time the caches inside a diffusers PixArtAlphaPipeline's own loop (DPM-Solver++, "
+                        "guidance 4.5) around a PixArt-alpha-shaped transformer with random weights (28 blocks, "
+                        "hidden 1152, 16 heads, 1024 image tokens, 120 text tokens); default caches: "
+                        + ", ".join(PIPELINE_SPECS))
+    p.add_argument("--pipeline-steps", type=int, default=4, help="pipeline steps (default: 4)")
+    p.add_argument("--pipeline-depth", type=int, default=28, help="transformer blocks (default: 28)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 
 
+def run_pipeline(args) -> int:
+    specs = tuple(args.cache or PIPELINE_SPECS)
+    if specs[0] != BARE:
+        specs = (BARE,) + tuple(s for s in specs if s != BARE)
+    if not args.json:
+        print(f"{args.pipeline}-shaped pipeline, depth {args.pipeline_depth}, {args.pipeline_steps} DPM-Solver++ steps, "
+              "batch 2 with guidance")
+    rows = time_pipeline(specs, steps=args.pipeline_steps, depth=args.pipeline_depth, repeats=args.repeats,
+                         progress=not args.json)
+    if args.json:
+        print_json({"threads": torch.get_num_threads(), "device": "cpu", "pipeline": args.pipeline,
+                    "steps": args.pipeline_steps, "depth": args.pipeline_depth, "rows": [r.as_dict() for r in rows]})
+    else:
+        print(speed_table(rows))
+    return 0
+
+
 def run(args) -> int:
+    if args.pipeline:
+        return run_pipeline(args)
     specs = tuple(args.cache or DEFAULT_SPECS)
     if specs[0] != BARE:  # every table starts with the bare model: speed-ups are against it
         specs = (BARE,) + tuple(s for s in specs if s != BARE)
@@ -42,7 +70,7 @@ def run(args) -> int:
     jobs = []
     if args.xl != "skip":
         jobs.append(("large", random_dit(args.xl), SampleConfig(num_samples=1, batch_size=1, steps=args.xl_steps, cfg_scale=1.5)))
-    jobs.append(("small", load_model(args.model, device=args.device),
+    jobs.append(("small", load_model(args.model, device=args.device, num_heads=args.num_heads),
                  SampleConfig(num_samples=args.batch_size, batch_size=args.batch_size, steps=args.steps, cfg_scale=1.5)))
     for label, loaded, config in jobs:
         loaded.module.to(args.device)

@@ -15,7 +15,8 @@ from ..correctors.base import CORRECTORS
 from ..models.loading import load_model
 from ..policies.base import POLICIES
 from ..registry import parse_spec
-from .common import add_model_args, add_sampling_args, print_json, sample_config
+from ..outdir import claim
+from .common import add_model_args, add_overwrite_arg, add_sampling_args, print_json, sample_config
 
 
 def add_parser(sub) -> None:
@@ -42,6 +43,7 @@ def add_parser(sub) -> None:
                    help="batches between writes of the resumable partial state (default: 1)")
     e.add_argument("--max-batches", type=int, default=None,
                    help="stop after this many batches, leaving OUT/partial to resume from (split a long job)")
+    add_overwrite_arg(e)
     e.add_argument("--json", action="store_true", help="print one JSON report (size, seconds, forwards)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=run_eoc)
@@ -71,15 +73,17 @@ def _set_help(parser: argparse.ArgumentParser, dest: str, text: str) -> None:
 def run_eoc(args) -> int:
     config = sample_config(args)
     # the VAE only decodes images, which a prior does not need
-    loaded = load_model(args.model, vae=None, device=args.device)
+    loaded = load_model(args.model, vae=None, device=args.device, num_heads=args.num_heads)
     out = args.out or f"runs/prior-{loaded.name}-{config.sampler}{config.steps}-cfg{config.cfg_scale:g}"
-    result = extract_prior(loaded, config, out, dtype=args.dtype, progress=not (args.json or args.no_progress),
-                           checkpoint_every=args.checkpoint_every, max_batches=args.max_batches, device=args.device)
+    with claim(out, None, args.overwrite):
+        result = extract_prior(loaded, config, out, dtype=args.dtype, progress=not (args.json or args.no_progress),
+                               checkpoint_every=args.checkpoint_every, max_batches=args.max_batches,
+                               device=args.device)
     r = {"model": loaded.name, "fingerprint": loaded.fingerprint, **result.report}
     if args.json:
         print_json(r)
     elif r["finished"]:
-        print(f"prior of K={r['K']} samples ({r['sampler']}-{r['steps']}, cfg {r['cfg_scale']:g}) -> {r['path']}: "
+        print(("already extracted: " if r.get("reused") else "") + f"prior of K={r['K']} samples ({r['sampler']}-{r['steps']}, cfg {r['cfg_scale']:g}) -> {r['path']}: "
               f"{r['bytes'] / 1e6:.2f} MB {r['dtype']}, {r['seconds']:.1f} s, {r['forwards']} sample forwards "
               f"({r['model_calls']} model calls)")
     else:

@@ -7,7 +7,7 @@ import argparse
 from ..bench.compare import HIDDEN, CompareOptions, compare, plot, table
 from ..metrics.bootstrap import REPLICATES
 from ..models.loading import load_model
-from .common import add_cache_args, add_model_args, add_sampling_args, print_json, sample_config
+from .common import add_cache_args, add_overwrite_arg, add_model_args, add_sampling_args, print_json, sample_config
 
 
 def add_parser(sub) -> None:
@@ -34,6 +34,10 @@ def add_parser(sub) -> None:
     p.add_argument("--bootstrap", type=int, default=REPLICATES, metavar="R",
                    help=f"bootstrap replicates for the FID intervals; 0 turns them off (default: {REPLICATES})")
     p.add_argument("--out", default="runs/compare", help="folder for samples and results (resumes)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timing: every configuration is timed on one batch, taking turns, this many times in "
+                        "this process; speed-up = median with min-max (default: 3; 0: no speed-up)")
+    add_overwrite_arg(p)
     p.add_argument("--plot", default=None, help="write a quality-versus-speed-up plot (PNG)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=run)
@@ -46,9 +50,10 @@ def run(args) -> int:
         raise ValueError("give at least one --cache configuration to compare with the uncached baseline")
     if args.bootstrap < 0 or args.bootstrap == 1:
         raise ValueError(f"--bootstrap must be 0 (off) or at least 2, got {args.bootstrap}")
-    loaded = load_model(args.model, vae=args.vae, device=args.device)
+    loaded = load_model(args.model, vae=args.vae, device=args.device, num_heads=args.num_heads)
     options = CompareOptions(fid=args.fid, reference=args.reference, reference_limit=args.reference_limit,
-                             device=args.device, progress=not args.json, bootstrap=args.bootstrap)
+                             device=args.device, progress=not args.json, repeats=args.repeats,
+                             overwrite=args.overwrite, bootstrap=args.bootstrap)
     rows = compare(loaded, sample_config(args), args.cache, args.out, options)
     if args.plot:
         plot(rows, args.plot)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 
-from ditcache.metrics.bootstrap import REPLICATES
+from ..metrics.bootstrap import REPLICATES
+from ..strict_json import dumps
 
 DESCRIPTION = f"""\
 Measure generated samples against data with the ADM evaluator's protocol (openai/guided-diffusion
@@ -45,7 +45,8 @@ def add_parser(subparsers) -> None:
                    help="the Inception logits matrix (.npy, or a .pth/.pt holding fc.weight): adds inception_score")
     p.add_argument("--batch-size", type=int, default=50, help="images per Inception batch (default: 50)")
     p.add_argument("--device", default="cpu", help="torch device for the Inception network (default: cpu)")
-    p.add_argument("--progress", action="store_true", help="show a progress bar for the samples on stderr")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (by default they show on stderr: reference features take long once)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object instead of a table")
     p.set_defaults(func=run)
 
@@ -63,6 +64,28 @@ def _table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def check_against_reference(images, labels, reference: str) -> None:
+    """Refuse what would give a number that means nothing: another image size than the reference's
+    (FID of 64x64 RGB against MNIST measures the mismatch), labels the classifier does not know
+    (class accuracy 0)."""
+    from ditcache.metrics.classifier import NUM_CLASSES
+    from ditcache.metrics.evaluate import CLASSIFIER_REFERENCES
+    from ditcache.metrics.reference import reference_image_shape
+
+    want = reference_image_shape(reference)
+    have = tuple(images.shape[1:])
+    # gray and RGB both reach Inception as RGB (gray replicated), so only the size must agree
+    if want is not None and have[:2] != want[:2]:
+        raise ValueError(f"samples are {have[0]}x{have[1]}, the reference {reference} is {want[0]}x{want[1]}: "
+                         "evaluate against a reference of the samples' own size")
+    if have[2] not in (1, 3):
+        raise ValueError(f"samples have {have[2]} channels; gray (1) or RGB (3) images are evaluated")
+    if labels is not None and reference in CLASSIFIER_REFERENCES:
+        bad = sorted({int(y) for y in labels if not 0 <= y < NUM_CLASSES})
+        if bad:
+            raise ValueError(f"labels {bad[:5]} are outside the reference's classes 0..{NUM_CLASSES - 1}")
+
+
 def run(args: argparse.Namespace) -> int:
     """Load the samples, evaluate them and print the result."""
     from ditcache.metrics.evaluate import evaluate, load_samples
@@ -75,9 +98,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--bootstrap must be 0 (off) or at least 2, got {args.bootstrap}")
     logits = load_logits_weights(args.inception_logits) if args.inception_logits else None
     images, labels = load_samples(args.samples)
+    check_against_reference(images, labels, args.reference)
     extractor = InceptionExtractor(device=args.device, batch_size=args.batch_size)
     result = evaluate(images, labels, reference=args.reference, extractor=extractor,
-                      reference_limit=args.reference_limit, progress=args.progress, bootstrap=args.bootstrap,
-                      logits_weights=logits)
-    print(json.dumps(result) if args.json else _table(result))
+                      reference_limit=args.reference_limit, progress=not args.no_progress,
+                      bootstrap=args.bootstrap, logits_weights=logits)
+    print(dumps(result) if args.json else _table(result))
     return 0

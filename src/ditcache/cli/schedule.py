@@ -15,7 +15,7 @@ from ..policies.schedule import Schedule
 from ..registry import describe_registry, parse_spec
 from ..sampling.loops import SAMPLERS, respaced_diffusion
 from ..types import RunInfo
-from .common import print_json
+from .common import add_num_heads_arg, print_json
 
 
 def add_parser(sub) -> None:
@@ -28,10 +28,12 @@ def add_parser(sub) -> None:
                     "Map: '#' both reused, 'a' attention only, 'm' MLP only, '.' computed.\n"
                     "policies:\n" + describe_registry(POLICIES))
     p.add_argument("--policy", required=True, help="policy spec, e.g. l2c:preset=dit-xl2-ddim20 or fora:interval=3")
-    p.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: a preset's or file's own count, else 20)")
     p.add_argument("--depth", type=int, default=None,
                    help="number of blocks; without it the depth of --model is used")
     p.add_argument("--model", default="mnist", help="model whose depth (and key, for routers) to use (default: mnist)")
+    add_num_heads_arg(p)
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="sampler of the run (default: ddim)")
     p.add_argument("--cfg-scale", type=float, default=1.5, help="guidance scale of the run (default: 1.5)")
     p.add_argument("--json", action="store_true", help="print the schedule's JSON instead of the map")
@@ -40,11 +42,17 @@ def add_parser(sub) -> None:
 
 
 def run_info(args, policy) -> RunInfo:
-    """The run the schedule is for: the model's depth and key, or --depth without a model."""
+    """The run the schedule is for: --depth, else a fixed schedule's own size, else the model's depth and key."""
+    fixed = getattr(policy, "fixed_schedule", lambda: None)()
+    if args.steps is None:
+        args.steps = fixed.num_steps if fixed is not None else 20
     diffusion = respaced_diffusion(args.steps, args.sampler)
     timesteps = tuple(int(t) for t in diffusion.timestep_map[::-1])
     common = dict(num_steps=args.steps, num_tokens=0, timesteps=timesteps, sampler=args.sampler,
                   cfg_scale=float(args.cfg_scale))
+    if args.depth is None and fixed is not None:
+        # a published preset or a schedule file has its own size: show it as it is, no model needed
+        return RunInfo(depth=fixed.depth, **common)
     if args.depth is not None:
         if args.depth < 1:
             raise ValueError(f"--depth must be at least 1, got {args.depth}")
@@ -59,7 +67,7 @@ def run_info(args, policy) -> RunInfo:
     from ..models.loading import load_model
 
     try:
-        loaded = load_model(args.model, vae=None)
+        loaded = load_model(args.model, vae=None, num_heads=args.num_heads)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{err} (or pass --depth to show a schedule without a model)") from None
     depth = len(adapter_for(loaded.module).blocks(loaded.module))

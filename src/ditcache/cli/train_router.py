@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 from ..calibration.train_router import DATA_MODES, PAPER_L1, RouterConfig, RouterTrainer
 from ..models.loading import load_model
-from .common import print_json
+from ..outdir import claim
+from ..sampling.sharded import barrier
+from .common import add_num_heads_arg, add_overwrite_arg, print_json
 
 
 def add_parser(sub) -> None:
@@ -26,6 +29,7 @@ def add_parser(sub) -> None:
                     "router artifact OUT/router, used with --policy l2c:router=OUT/router.\n"
                     "Data-parallel: torchrun --nproc_per_node=N -m ditcache.cli.main train-router ...")
     p.add_argument("--model", default="mnist", help="model to train the router for (default: mnist)")
+    add_num_heads_arg(p)
     p.add_argument("--device", default="cpu", help="torch device; under torchrun 'cuda' means cuda:LOCAL_RANK")
     p.add_argument("--steps", type=int, default=d.steps, help=f"DDIM steps (default: {d.steps})")
     p.add_argument("--cfg-scale", type=float, default=d.cfg_scale,
@@ -50,6 +54,7 @@ def add_parser(sub) -> None:
                    help=f"iterations between checkpoints (default: {d.checkpoint_every})")
     p.add_argument("--out", default=None, help="run folder (default: runs/l2c-<model>-ddim<steps>-<data>)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (and checkpoint) after this long")
+    add_overwrite_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -77,10 +82,12 @@ def run(args) -> int:
                           checkpoint_every=args.checkpoint_every)
     device, distributed = _distributed(args.device)
     try:
-        loaded = load_model(args.model, vae=None, device=device)
+        loaded = load_model(args.model, vae=None, device=device, num_heads=args.num_heads)
         out = Path(args.out or f"runs/l2c-{loaded.name}-ddim{config.steps}-{config.data}")
-        trainer = RouterTrainer(loaded, config, out, progress=not (args.no_progress or args.json))
-        artifact = trainer.train(max_minutes=args.max_minutes, progress=not (args.no_progress or args.json))
+        with claim(out, None, args.overwrite) if int(os.environ.get("RANK", "0")) == 0 else nullcontext():
+            barrier()  # no rank reads the folder before rank 0 has emptied it (--overwrite)
+            trainer = RouterTrainer(loaded, config, out, progress=not (args.no_progress or args.json))
+            artifact = trainer.train(max_minutes=args.max_minutes, progress=not (args.no_progress or args.json))
         if trainer.rank != 0:
             return 0
     finally:

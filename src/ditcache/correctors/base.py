@@ -16,6 +16,11 @@ from ..types import Kind, RunInfo, Site, StepInfo
 class Corrector:
     name = "identity"
 
+    def bind(self, schedule) -> None:
+        """Called by the engine before ``reset``: the policy's static ``Schedule`` for the run, or None
+        for a dynamic policy. Only a corrector whose rule depends on other sites' actions needs it
+        (GOC compensates only in blocks whose attention and MLP are both reused)."""
+
     def reset(self, run: RunInfo) -> None:
         """Called at the start of every sampling call; drop per-run state."""
         self.run = run

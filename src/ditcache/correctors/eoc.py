@@ -31,6 +31,8 @@ Choices where the paper's symbols are lost (methods.md §4.3):
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -91,6 +93,8 @@ class EocCorrector(Corrector):
             raise ValueError(f"eoc mode must be one of {MODES}, got {config.mode!r}")
         if config.branches not in BRANCH_CHOICES:
             raise ValueError(f"eoc branches must be one of {sorted(BRANCH_CHOICES)}, got {config.branches!r}")
+        if not math.isfinite(config.gamma):
+            raise ValueError(f"eoc gamma must be a finite number, got {config.gamma}")
         if not 0.0 <= config.lam <= 1.0:
             raise ValueError(f"eoc lam must be in [0, 1], got {config.lam}")
         self.config = config

@@ -12,6 +12,19 @@ corrected; ``observe`` hands exactly those over. At a reuse step where compensat
 and plain reuse otherwise (also while the queue holds fewer than two entries). w = 1.2 with rule /
 FORA schedules, 0.8 with L2C (the released code's values), the same for every site.
 
+Which reused sites are compensated (``branches``):
+- ``both`` (default): only in blocks whose attention *and* MLP are both reused at that step, as the
+  released L2C path does (GOC_ICCV2025 ``DiT/models/dynamic_models.py``: the gradient is formed only
+  when both reused features and both older ones exist, lines 126-131; a block reusing one branch
+  reuses it plainly, lines 141-148 and 156-163). It reads the policy's static schedule, which the
+  engine hands over (``bind``); with a dynamic policy (ToCa, DuCa) it is an error at the first reuse.
+  On the published DDIM-20 L2C schedule that is 168 compensated sub-layers of the 191 reused at
+  the published steps.
+- ``each``: every reused sub-layer (our earlier reading; 191 there). On the default model it recovers
+  more of the reuse error on a learned schedule (docs/results.md: about +4 dB PSNR to uncached), so
+  it stays as an option.
+On rule / FORA schedules a block always reuses both branches together, so the two are the same.
+
 Inflection-Aware Optimization (§5.2): compensation is allowed only at some steps, from one of
 - ``steps="3/5/7/9"``: an explicit set;
 - ``preset``: the published DDIM-20 sets (rm-50, rm-25, l2c);
@@ -55,6 +68,9 @@ PRESETS = {
     "rm-25": (3, 5, 7, 9),
     "l2c": (3, 5, 7, 9, 11, 13, 15, 19),
 }
+BRANCH_RULES = ("both", "each")
+NEEDS_SCHEDULE = ("goc branches=both compensates only blocks that reuse attention and MLP together, which needs a "
+                  "static schedule (fora, rule, l2c); with a dynamic policy give goc:branches=each")
 ORDER_ERROR = ("goc must be the first corrector: it extrapolates from its own queue of used features, so a "
                "corrector before it would be discarded; list goc before eoc (--corrector goc:... --corrector eoc:...)")
 
@@ -65,6 +81,7 @@ class GocConfig:
     steps: Optional[tuple[int, ...]] = None  # steps where compensation is allowed, e.g. "3/5/7/9"
     preset: Optional[str] = None  # a published DDIM-20 set: rm-50, rm-25 or l2c
     prior: Optional[str] = None  # a prior artifact: detect inflection steps and skip them
+    branches: str = "both"  # compensate only blocks reusing both branches (released L2C code) | each reused site
 
 
 # -- the inflection statistic -------------------------------------------------------------------
@@ -112,6 +129,8 @@ class GocCorrector(Corrector):
         given = [k for k in ("steps", "preset", "prior") if getattr(config, k) is not None]
         if len(given) > 1:
             raise ValueError(f"goc takes at most one of steps, preset and prior; got {given}")
+        if config.branches not in BRANCH_RULES:
+            raise ValueError(f"goc branches must be one of {BRANCH_RULES}, got {config.branches!r}")
         if config.preset is not None and config.preset not in PRESETS:
             raise ValueError(f"unknown goc preset {config.preset!r}; choose from {sorted(PRESETS)}")
         if config.prior is not None and not (Path(config.prior) / "manifest.json").is_file():
@@ -121,6 +140,10 @@ class GocCorrector(Corrector):
         self._queue: dict[Site, list[torch.Tensor]] = {}  # site -> [Q1, Q0], oldest first
         self._stored: dict[Site, torch.Tensor] = {}  # site -> the feature the engine stored (last computed)
         self._reused: set[Site] = set()
+        self._schedule = None  # the policy's static Schedule, from bind
+
+    def bind(self, schedule) -> None:
+        self._schedule = schedule
 
     def allowed_steps(self, run: RunInfo) -> Optional[frozenset]:
         """The steps where compensation is allowed in ``run``; None means every step."""
@@ -158,8 +181,16 @@ class GocCorrector(Corrector):
         queue = self._queue.get(site, [])
         if len(queue) < 2 or (self.allowed is not None and step.index not in self.allowed):
             return cached
+        if self.config.branches == "both" and not self._block_reused(step.index, site.block):
+            return cached
         q1, q0 = queue  # (B, N, C) each
         return q0 + self.config.w * (q0 - q1)  # (B, N, C)
+
+    def _block_reused(self, step: int, block: int) -> bool:
+        """True when the schedule reuses both the attention and the MLP of ``block`` at ``step``."""
+        if self._schedule is None:
+            raise ValueError(NEEDS_SCHEDULE)
+        return bool(self._schedule.cached[step, block].all())
 
     def observe(self, step: StepInfo, site: Site, kind: Kind, used: torch.Tensor) -> None:
         if kind is not Kind.REUSE:
@@ -194,6 +225,7 @@ class GocCorrector(Corrector):
 @register_corrector("goc", GocConfig,
                     "GOC gradient extrapolation Q0 + w (Q0 - Q1): w 1.2 for rule/FORA, 0.8 with L2C; allowed steps "
                     "from steps=3/5/7, preset=rm-50|rm-25|l2c, or prior=PATH (skips detected inflections); "
-                    "list it before eoc")
+                    "branches=both (default: only blocks reusing attention and MLP, as the released L2C code) "
+                    "or each; list it before eoc")
 def _goc(config: GocConfig) -> GocCorrector:
     return GocCorrector(config)

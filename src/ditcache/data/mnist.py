@@ -21,8 +21,8 @@ LABELS_FILE = "t10k-labels-idx1-ubyte.gz"
 SUMS_FILE = "SHA256SUMS"
 
 # the IDX headers: magic number and dimensions, big-endian int32 each
-_IMAGES_OFFSET = 16  # magic, count, rows, cols
-_LABELS_OFFSET = 8  # magic, count
+_IMAGES_MAGIC = 2051  # then count, rows, cols
+_LABELS_MAGIC = 2049  # then count
 _SIDE = 28
 
 # where CI keeps the data, inside the shared folder (see data/shared.py)
@@ -65,10 +65,32 @@ def _check_sums(folder: Path) -> None:
             raise ValueError(f"MNIST file {folder / name} does not match its SHA-256 in {sums}")
 
 
-def _read_idx(path: Path, offset: int) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    return np.frombuffer(data, dtype=np.uint8, offset=offset).copy()  # writable
+def _read_idx(path: Path, magic: int, dims: int) -> tuple[tuple[int, ...], np.ndarray]:
+    """(shape, uint8 data) of one gzipped IDX file, with its header checked against what it must be.
+
+    A truncated download, a file that is not gzip, the image and label files swapped, or a body
+    shorter than its header says are one-line ValueErrors naming the file.
+    """
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as err:  # BadGzipFile is an OSError; a cut-off stream is an EOFError
+        raise ValueError(f"{path} is not a complete gzip file ({err or type(err).__name__}); download it again")
+    offset = 4 * (1 + dims)
+    found_magic = int(np.frombuffer(data[:4], ">i4")[0]) if len(data) >= 4 else None
+    if found_magic is not None and found_magic != magic:
+        kinds = {_IMAGES_MAGIC: "an image file", _LABELS_MAGIC: "a label file"}
+        found = kinds.get(found_magic, f"magic number {found_magic}")
+        raise ValueError(f"{path} should be {kinds[magic]} but holds {found}: are the image and label files swapped?")
+    if len(data) < offset:
+        raise ValueError(f"{path} is too short for an IDX header ({len(data)} bytes); download it again")
+    header = np.frombuffer(data[:offset], ">i4")
+    shape = tuple(int(v) for v in header[1:])
+    body = np.frombuffer(data, dtype=np.uint8, offset=offset)
+    if body.size != int(np.prod(shape)):
+        raise ValueError(f"{path} holds {body.size} bytes of data, its header promises {int(np.prod(shape))} "
+                         f"for shape {shape}; download it again")
+    return shape, body.copy()  # writable
 
 
 def load_mnist(root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -84,9 +106,11 @@ def load_mnist(root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.nd
             f"or set ${ENV_VAR} to the folder that holds them"
         )
     _check_sums(folder)
-    images = _read_idx(folder / IMAGES_FILE, _IMAGES_OFFSET)
-    labels = _read_idx(folder / LABELS_FILE, _LABELS_OFFSET).astype(np.int64)  # (N,)
-    images = images.reshape(-1, _SIDE, _SIDE)  # (N, 28, 28)
+    shape, images = _read_idx(folder / IMAGES_FILE, _IMAGES_MAGIC, 3)
+    if shape[1:] != (_SIDE, _SIDE):
+        raise ValueError(f"{folder / IMAGES_FILE} holds {shape[1]}x{shape[2]} images, MNIST's are {_SIDE}x{_SIDE}")
+    labels = _read_idx(folder / LABELS_FILE, _LABELS_MAGIC, 1)[1].astype(np.int64)  # (N,)
+    images = images.reshape(shape)  # (N, 28, 28)
     if len(images) != len(labels):
         raise ValueError(f"MNIST files in {folder} disagree: {len(images)} images, {len(labels)} labels")
     return images, labels

@@ -25,8 +25,9 @@ from torch import nn
 
 from ..adapters import Adapter, adapter_for
 from ..correctors import Corrector
+from ..finite import FiniteWatch
 from ..policies import Policy
-from ..types import MLP_ONLY_PARTIAL, TRUNK, Branch, Kind, RunInfo, Site, StepInfo
+from ..types import TOKENWISE, TRUNK, Kind, RunInfo, Site, StepInfo
 from .counters import Counters
 from .patching import ForwardPatches, claim, release
 
@@ -46,10 +47,12 @@ class CacheEngine:
         self.correctors = list(correctors)
         self.adapter = adapter or adapter_for(model)
         self.dims = self.adapter.dims(model)
+        self.branches = self.adapter.branches(model)
         self.store: dict[Site, torch.Tensor] = {}
         self.counters = Counters(self.dims)
         self.peak_bytes = 0
         self.corrector_seconds = 0.0  # wall-clock inside the correctors' correct/observe this run
+        self.finite_watch = FiniteWatch()  # corrected features' sums, checked by the sampler once per step
         self._step: Optional[StepInfo] = None
         self._patches = ForwardPatches()
         self._keep: dict[Site, bool] = {}
@@ -60,6 +63,14 @@ class CacheEngine:
         """Tell the engine which model it is on, so artifacts can be checked against the run."""
         self.model_info = {"fingerprint": fingerprint, "resolution": int(resolution)}
         return self
+
+    def set_tokens(self, num_tokens: int, text_tokens: Optional[int] = None) -> None:
+        """The token counts of the coming run, where they follow the input (a pipeline's resolution,
+        its caption length) rather than the model's configured size; call before ``begin_run``."""
+        changes = {"num_tokens": int(num_tokens)}
+        if text_tokens is not None:
+            changes["text_tokens"] = int(text_tokens)
+        self.dims = dataclasses.replace(self.dims, **changes)
 
     # -- installation -------------------------------------------------------------------------
     def install(self) -> "CacheEngine":
@@ -89,7 +100,8 @@ class CacheEngine:
         """Reset all per-sample state; nothing leaks from one sampling call to the next."""
         if not self._patches:
             raise RuntimeError("install() the engine before sampling with it")
-        info = dataclasses.replace(info, depth=self.dims.depth, num_tokens=self.dims.num_tokens, **self.model_info)
+        info = dataclasses.replace(info, depth=self.dims.depth, num_tokens=self.dims.num_tokens,
+                                   branches=self.branches, **self.model_info)
         self.run = info
         self.store.clear()
         self.counters = Counters(self.dims)
@@ -98,7 +110,9 @@ class CacheEngine:
         sites = self.adapter.site_modules(self.model)
         self.policy.bind(sites)
         self.policy.reset(info)
+        schedule = self.policy.schedule()  # None for dynamic policies
         for corrector in self.correctors:
+            corrector.bind(schedule)
             corrector.reset(info)
         self._keep = {site: self.policy.may_reuse(site) for site in sites}
         self._observes = type(self.policy).observe is not Policy.observe
@@ -106,6 +120,7 @@ class CacheEngine:
     def begin_step(self, step: StepInfo) -> None:
         self._note_memory()
         self._step = step
+        self.finite_watch.clear()
 
     def end_run(self) -> None:
         self._note_memory()
@@ -123,15 +138,20 @@ class CacheEngine:
             if index == 0:
                 self.counters.forward(step.index, batch)
                 self._trunk_reused = self.policy.uses_trunk and self.policy.trunk_action(step).kind is Kind.REUSE
-            if self._trunk_reused:
+            if self._trunk_reused and not self.policy.runs_in_reused_trunk(step, index):
                 self.counters.block(step.index, batch, skipped=True)
-                for branch in (Branch.ATTN, Branch.MLP):
+                for branch in self.branches:
                     self.counters.site(step.index, branch, batch, 0)
                 # the whole stack is skipped: pass the stream through, the last block hands back
                 # the stored output of the block stack
                 return self._stored(TRUNK, batch) if index == depth - 1 else hidden
             self.counters.block(step.index, batch, skipped=False)
             out = original(*args, **kwargs)
+            if self._trunk_reused:
+                # a block the policy runs although the stack is reused: its sites are computed and
+                # stored as usual; its output passes through the skipped blocks and the last block
+                # still hands back the stored stack output
+                return self._stored(TRUNK, batch) if index == depth - 1 else out
             if index == depth - 1 and self.policy.uses_trunk:
                 self.store[TRUNK] = out
             return out
@@ -157,6 +177,7 @@ class CacheEngine:
                     start = time.perf_counter()
                     for corrector in self.correctors:
                         out = corrector.correct(step, site, out)
+                        self.finite_watch.note(site, corrector.name, out)
                     self.corrector_seconds += time.perf_counter() - start
                 tokens_run = 0
             else:
@@ -164,7 +185,8 @@ class CacheEngine:
                 tokens_run = action.tokens.shape[1]
             self.counters.site(step.index, site.branch, batch, tokens_run)
             if self._observes:
-                spent = self.policy.observe(step, site, action, args, out)
+                extra = {"kwargs": kwargs} if self.policy.observes_kwargs else {}
+                spent = self.policy.observe(step, site, action, args, out, **extra)
                 if spent:
                     self.counters.extra(step.index, spent)
             if self.correctors:
@@ -178,8 +200,8 @@ class CacheEngine:
 
     def _partial(self, site: Site, tokens: torch.Tensor, original, args, kwargs) -> torch.Tensor:
         """Run a token-wise sub-module on the chosen tokens only and scatter into the cache."""
-        if site.branch not in MLP_ONLY_PARTIAL:
-            raise ValueError(f"PARTIAL needs a token-wise sub-module; {site} is not (only MLP sites are)")
+        if site.branch not in TOKENWISE:
+            raise ValueError(f"PARTIAL needs a token-wise sub-module; {site} is not (MLP and cross-attention sites are)")
         if not args:
             raise ValueError("PARTIAL needs the sub-module's input as its first positional argument")
         x = args[0]  # (B, N, C)

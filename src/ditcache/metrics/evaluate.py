@@ -86,7 +86,7 @@ def evaluate_with_features(samples: np.ndarray, labels: np.ndarray | None = None
     if bootstrap < 0 or bootstrap == 1:
         raise ValueError(f"bootstrap replicates must be 0 (off) or at least 2, got {bootstrap}")
     extractor = extractor if extractor is not None else InceptionExtractor()
-    ref = get_reference(reference, extractor, cache_dir, reference_limit)
+    ref = get_reference(reference, extractor, cache_dir, reference_limit, progress)
 
     # 1. features once, shared by every metric
     feats = extractor.features(samples, progress=progress)

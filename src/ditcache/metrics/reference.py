@@ -10,12 +10,16 @@ A reference is one of
 
 Statistics are computed once per (dataset, resolution, extractor preprocessing key, image limit)
 and cached as ``.npz`` under ``$DITCACHE_CACHE`` (else ``~/.cache/ditcache``), never in the package.
+The features behind them are computed in chunks of ``CHUNK`` images, each kept on disk as it
+finishes, so an interrupted computation (the MNIST test split takes over an hour on two CPU
+cores) resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -76,10 +80,24 @@ def read_png_folder(folder: str | os.PathLike) -> np.ndarray:
     return images if images.ndim == 4 else images[..., None]
 
 
+def load_npz_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz``; a truncated, non-zip or pickled file is a one-line ValueError."""
+    if Path(path).is_file() and not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a .npz: not a zip archive (truncated, or another kind of file)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        detail = " ".join(str(err).split())[:120] or type(err).__name__
+        raise ValueError(f"{path} is not a readable .npz (truncated, not a zip archive, or holding pickled "
+                         f"objects: {detail})") from None
+
+
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The arrays of an ``.npz``; ValueError when it holds neither images (arr_0) nor mu/sigma."""
-    with np.load(path) as data:
-        arrays = {k: data[k] for k in data.files}
+    arrays = load_npz_arrays(path)
     if "arr_0" not in arrays and "mu" not in arrays:
         raise ValueError(f"{path} holds no images under 'arr_0' and no 'mu'/'sigma' (keys: {sorted(arrays)})")
     if "arr_0" in arrays:
@@ -130,6 +148,24 @@ def _describe(spec: str) -> tuple[str, int, str]:
     return f"{path.stem}-{_fingerprint([path])}", shape[1] if shape else 0, "npz"
 
 
+def reference_image_shape(spec: str) -> tuple[int, int, int] | None:
+    """(H, W, C) of a reference's images without reading them all; None when it holds only statistics."""
+    if spec == "mnist":
+        return (28, 28, 1)
+    path = Path(spec).expanduser()
+    _describe(spec)  # the existence and kind checks
+    if path.is_dir():
+        with _open_png(sorted(path.glob("*.png"))[0]) as im:
+            return (im.size[1], im.size[0], len(im.getbands()))
+    try:
+        shape = _npz_image_shape(path)
+    except zipfile.BadZipFile:
+        raise ValueError(f"{path} is not a .npz: not a zip archive (truncated, or another kind of file)") from None
+    if shape is None:
+        return None
+    return (shape[1], shape[2], shape[3] if len(shape) == 4 else 1)
+
+
 def cache_file(spec: str, preprocessing_key: str, cache_dir: str | os.PathLike | None = None,
                limit: int | None = None) -> Path:
     """Where the statistics of ``spec`` under one extractor preprocessing are cached."""
@@ -143,7 +179,45 @@ def _save_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     write_atomic(path, lambda tmp: np.savez(tmp, **arrays))
 
 
-def _compute(spec: str, kind: str, extractor, limit: int | None, progress: bool) -> dict[str, np.ndarray]:
+CHUNK = 1000  # reference images per resumable chunk of features (~16 MB of float32 features)
+
+
+def _chunked_features(images: np.ndarray, extractor, parts: Path, progress: bool) -> dict[str, np.ndarray]:
+    """Inception features of ``images`` computed ``CHUNK`` at a time, each chunk written to ``parts``
+    atomically as it finishes, so an interrupted computation resumes at the first missing chunk.
+
+    Chunks hold float32, which loses nothing (the network computes in float32), so a resumed
+    result is bit-identical to an uninterrupted one. ``parts`` is removed once the caller has
+    cached the statistics.
+    """
+    from tqdm.auto import tqdm
+
+    pools, spatials = [], []
+    bar = tqdm(total=len(images), disable=not progress, desc="reference features", unit="img")
+    for start in range(0, len(images), CHUNK):
+        stop = min(start + CHUNK, len(images))
+        path = parts / f"chunk_{start:07d}_{stop:07d}.npz"
+        chunk = None
+        if path.is_file():
+            try:
+                chunk = load_npz_arrays(path)
+                if len(chunk["pool"]) != stop - start or len(chunk["spatial"]) != stop - start:
+                    chunk = None
+            except (ValueError, KeyError):
+                chunk = None  # damaged outside our atomic write: recompute it
+        if chunk is None:
+            feats = extractor.features(images[start:stop])
+            chunk = {k: feats[k].astype(np.float32) for k in ("pool", "spatial")}
+            _save_atomic(path, chunk)
+        pools.append(chunk["pool"])
+        spatials.append(chunk["spatial"])
+        bar.update(stop - start)
+    bar.close()
+    return {"pool": np.concatenate(pools).astype(np.float64), "spatial": np.concatenate(spatials).astype(np.float64)}
+
+
+def _compute(spec: str, kind: str, extractor, limit: int | None, progress: bool,
+             parts: Path) -> dict[str, np.ndarray]:
     """Read the reference images (and any precomputed statistics) and turn them into arrays to cache.
 
     A pair (``mu``, ``sigma``) or (``mu_s``, ``sigma_s``) stored in an .npz is kept as it is; a
@@ -167,7 +241,10 @@ def _compute(spec: str, kind: str, extractor, limit: int | None, progress: bool)
     if images is not None and limit:
         images = images[:limit]
     if images is not None:
-        feats = extractor.features(images, progress=progress)
+        if progress:
+            print(f"computing reference features of {len(images)} images of {spec} once (kept under {parts.parent}; "
+                  "an interruption resumes at the last finished chunk)", file=sys.stderr)
+        feats = _chunked_features(images, extractor, parts, progress)
         # the network computes in float32, so storing float32 features loses nothing
         stats["pool"] = feats["pool"].astype(np.float32)  # (M, 2048)
         stats["pool_radii"] = _radii(stats["pool"])  # (M,), the costly half of precision/recall
@@ -193,8 +270,8 @@ def get_reference(spec: str = "mnist", extractor=None, cache_dir: str | os.PathL
 
     ``limit`` keeps only the first ``limit`` reference images (a quick look; part of the cache key);
     statistics stored in an ADM batch are used as they are, so there it limits precision/recall only.
-    Computing a reference is announced on stderr with the cache path, and ``progress`` shows a bar
-    (10,000 MNIST images take about 50 min on one CPU core; it happens once per key).
+    With ``progress``, computing a reference is announced on stderr and shows a bar (10,000 MNIST
+    images take about 50 min of one idle CPU core; it happens once per key, resumably).
     """
     if extractor is None:
         from ditcache.metrics.inception import InceptionExtractor
@@ -203,8 +280,9 @@ def get_reference(spec: str = "mnist", extractor=None, cache_dir: str | os.PathL
     name, resolution, kind = _describe(spec)
     path = cache_file(spec, extractor.preprocessing_key, cache_dir, limit)
     if not path.is_file():
-        print(f"reference {spec!r}: computing Inception features once; cached at {path}", file=sys.stderr)
-        _save_atomic(path, _compute(spec, kind, extractor, limit, progress))
+        parts = path.with_suffix(".parts")
+        _save_atomic(path, _compute(spec, kind, extractor, limit, progress, parts))
+        shutil.rmtree(parts, ignore_errors=True)
     with np.load(path) as data:
         arrays = {k: data[k] for k in data.files}
     if "pool" in arrays and "pool_radii" not in arrays:  # cached before radii were kept

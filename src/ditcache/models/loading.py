@@ -28,12 +28,15 @@ import torch.nn as nn
 from ..atomic import write_atomic
 from .dit import DIT_CONFIGS, DiT
 
+# The official DiT sizes by (depth, hidden size) -> (name, heads). Heads are not in the weights; these are
+# the only checkpoints whose head count is known, so any other shape needs num_heads (--num-heads).
+OFFICIAL_SIZES = {(c["depth"], c["hidden_size"]): (name.split("/")[0], c["num_heads"]) for name, c in DIT_CONFIGS.items()}
+
 EMBEDDED = {"mnist": "ditcache/assets/mnist_dit.safetensors"}  # name -> path under the package's parent
 VAE_REPOS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 OFFICIAL_URL = "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"
 VAE_FACTOR = 8  # the SD VAE maps 8x8 pixels to one latent position
 LATENT_CHANNELS = 4  # the SD VAE's latent channels: a 4-channel official DiT is a latent model
-HEAD_DIM = 64  # head width of the official S, B and L sizes (XL is 1152 = 16 x 72; see infer_dit_config)
 FORMAT = "ditcache-dit"
 
 Spec = Union[str, os.PathLike]
@@ -96,10 +99,11 @@ def fingerprint(module: nn.Module) -> str:
 def infer_dit_config(sd: dict[str, torch.Tensor], num_heads: Optional[int] = None) -> dict:
     """DiT constructor kwargs read off an official-layout state dict's tensor shapes.
 
-    Heads cannot be seen in the weights. Every official size uses 64-dim heads except XL
-    (1152 = 16 x 72), so a known preset (depth, hidden) takes its head count from ``DIT_CONFIGS``,
-    anything else ``hidden // 64``; pass ``num_heads`` to override. The label table has
-    ``num_classes + 1`` rows (the official models train with label dropout, so the last is null).
+    Heads cannot be seen in the weights. An official size (``OFFICIAL_SIZES``: DiT-S/B/L/XL by depth
+    and hidden size) takes its published head count; any other shape needs ``num_heads``, which also
+    overrides. I never guess: a wrong head count loads without complaint and gives wrong outputs. The
+    label table has ``num_classes + 1`` rows (the official models train with label dropout, so the
+    last is null).
     """
     needed = ["x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight",
               "final_layer.linear.weight", "blocks.0.mlp.fc1.weight", "blocks.0.attn.qkv.weight"]
@@ -115,14 +119,14 @@ def infer_dit_config(sd: dict[str, torch.Tensor], num_heads: Optional[int] = Non
     if out_ch not in (in_ch, 2 * in_ch):
         raise ValueError(f"final layer gives {out_ch} channels for {in_ch} input channels")
     if num_heads is None:
-        preset = [c["num_heads"] for c in DIT_CONFIGS.values()
-                  if (c["depth"], c["hidden_size"]) == (depth, hidden)]
-        if preset:
-            num_heads = preset[0]
-        elif hidden % HEAD_DIM == 0:
-            num_heads = hidden // HEAD_DIM
-        else:
-            raise ValueError(f"cannot infer the head count for hidden size {hidden}; pass num_heads")
+        if (depth, hidden) not in OFFICIAL_SIZES:
+            known = ", ".join(f"{n} ({d} blocks x {h})" for (d, h), (n, _) in sorted(OFFICIAL_SIZES.items(),
+                                                                                     key=lambda kv: kv[0][1]))
+            raise ValueError(f"{depth} blocks x hidden {hidden} is not an official DiT size ({known}), and the head "
+                             "count is not stored in the weights; pass it with --num-heads N (num_heads=N in Python)")
+        num_heads = OFFICIAL_SIZES[(depth, hidden)][1]
+    elif num_heads < 1 or hidden % num_heads:
+        raise ValueError(f"--num-heads {num_heads} does not divide the hidden size {hidden}")
     return dict(input_size=grid * patch, patch_size=patch, in_channels=in_ch, hidden_size=hidden, depth=depth,
                 num_heads=num_heads, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
                 class_dropout_prob=0.1, num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1,
@@ -212,7 +216,7 @@ def load_vae(kind_or_path: str, *, device="cpu", dtype=torch.float32, local_file
     except Exception as e:
         raise OSError(f"could not load the VAE {source!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
                       f"Offline? On a connected machine run `huggingface-cli download {source} "
-                      "--local-dir DIR`, copy DIR here and pass vae='DIR'.") from e
+                      "--local-dir DIR`, copy DIR here and pass it as the VAE: `--vae DIR` (vae='DIR' in Python).") from e
     return vae.to(device).eval()
 
 
@@ -314,8 +318,10 @@ def load_model(spec: Spec, *, vae: Optional[str] = "ema", device="cpu", dtype=to
     """Load a DiT from a checkpoint file, our safetensors, a diffusers directory/hub id, or a built-in name.
 
     ``vae``: "ema" (DiT's FID default), "mse", a local AutoencoderKL directory, or None to skip it;
-    it is loaded only for latent models. ``num_heads`` overrides the head count inferred from an
-    official checkpoint (see ``infer_dit_config``). ``local_files_only`` forbids hub downloads.
+    it is loaded only for latent models. ``num_heads``: the head count of an official-format checkpoint
+    (.pt, or safetensors without our metadata); required unless its shape is an official DiT size,
+    and it overrides the official count (see ``infer_dit_config``). ``local_files_only`` forbids hub
+    downloads.
     """
     common = dict(vae=vae, device=device, dtype=dtype)
     s = os.fspath(spec)

@@ -23,6 +23,7 @@ class Policy:
 
     name = "none"
     uses_trunk = False  # True when trunk_action can return REUSE (DuCa)
+    observes_kwargs = False  # True: ``observe`` also gets the sub-module's keyword arguments (kwargs=)
 
     def bind(self, modules: dict[Site, nn.Module]) -> None:
         """Called by the engine before ``reset``: the sub-module of every per-block site.
@@ -40,6 +41,12 @@ class Policy:
     def trunk_action(self, step: StepInfo) -> Action:
         return COMPUTE
 
+    def runs_in_reused_trunk(self, step: StepInfo, block: int) -> bool:
+        """At a step whose trunk is reused, True for a block that still runs: its sites are asked for
+        their actions and stored as usual, and its output is discarded (DuCa's layer 0 that
+        re-initialises the interval at an aggressive step)."""
+        return False
+
     def may_reuse(self, site: Site) -> bool:
         """False when this policy never reuses the site, so the engine need not store it."""
         return False
@@ -48,7 +55,8 @@ class Policy:
         """Sees the sub-module's input and the feature used at a site (token-wise methods).
 
         Returns the MACs the policy itself spent here (e.g. token scoring), which the engine adds
-        to the run's MACs; None or 0 when it spent none.
+        to the run's MACs; None or 0 when it spent none. A policy with ``observes_kwargs`` also gets
+        the sub-module's keyword arguments as ``kwargs=`` (a cross-attention's caption and mask).
         """
 
     def schedule(self):

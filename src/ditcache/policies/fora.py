@@ -20,7 +20,7 @@ class ForaConfig:
     interval: int = 3  # N; the FORA README runs N = 3
 
 
-def fora_schedule(num_steps: int, depth: int, interval: int) -> Schedule:
+def fora_schedule(num_steps: int, depth: int, interval: int, branches: int = 2) -> Schedule:
     positive_int(interval, "FORA interval")
     cached = []
     for step in range(num_steps):
@@ -28,7 +28,7 @@ def fora_schedule(num_steps: int, depth: int, interval: int) -> Schedule:
         full = respaced == num_steps - 1 or respaced % interval == 0
         if not full:
             cached.append(step)
-    return step_schedule(num_steps, depth, cached, f"fora-{interval}")
+    return step_schedule(num_steps, depth, cached, f"fora-{interval}", branches)
 
 
 class ForaPolicy(StaticPolicy):
@@ -39,7 +39,7 @@ class ForaPolicy(StaticPolicy):
         self.config = config
 
     def build(self, run: RunInfo) -> Schedule:
-        return fora_schedule(run.num_steps, run.depth, self.config.interval)
+        return fora_schedule(run.num_steps, run.depth, self.config.interval, len(run.branches))
 
 
 @register_policy("fora", ForaConfig, "FORA: full step every N steps, all attention and MLP reused between")

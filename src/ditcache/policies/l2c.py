@@ -152,6 +152,9 @@ class L2cPolicy(StaticPolicy):
         else:
             self.artifact = load_artifact(config.router, kind=ARTIFACT_KIND)
 
+    def fixed_schedule(self) -> Optional[Schedule]:
+        return self._preset
+
     def build(self, run: RunInfo) -> Schedule:
         if self._preset is not None:
             return self._preset  # StaticPolicy.reset refuses it for another depth or step count

@@ -51,6 +51,9 @@ class RulePolicy(StaticPolicy):
         self._fixed = schedule
         if config.path is not None and config.steps is not None:
             raise ValueError("rule takes path=FILE or steps=A/B/C, not both")
+        if config.steps is not None and len(set(config.steps)) != len(config.steps):
+            dup = sorted({t for t in config.steps if config.steps.count(t) > 1})
+            raise ValueError(f"rule steps list step(s) {dup} more than once; give each reused step once")
         if config.steps is not None and 0 in config.steps:
             raise ValueError("rule steps: step 0 has nothing to reuse (no feature is cached before it)")
         if schedule is None and config.path is not None:
@@ -58,13 +61,24 @@ class RulePolicy(StaticPolicy):
         elif schedule is None and config.steps is None and config.preset not in PRESETS:
             raise ValueError(f"unknown rule preset {config.preset!r}; choose from {list(PRESETS)} or give a path")
 
+    def fixed_schedule(self) -> Optional[Schedule]:
+        return self._fixed
+
+    def describe(self) -> dict:
+        """Only the options in use: a preset is ignored once steps= or path= is given."""
+        d = super().describe()
+        if self.config.steps is not None or self.config.path is not None:
+            d["preset"] = None
+        return d
+
     def build(self, run: RunInfo) -> Schedule:
         if self._fixed is not None:
             return self._fixed
         if self.config.steps is not None:
             name = "steps-" + "-".join(str(t) for t in self.config.steps)
-            return step_schedule(run.num_steps, run.depth, self.config.steps, name)
-        return step_schedule(run.num_steps, run.depth, rm_steps(self.config.preset, run.num_steps), self.config.preset)
+            return step_schedule(run.num_steps, run.depth, self.config.steps, name, len(run.branches))
+        steps = rm_steps(self.config.preset, run.num_steps)
+        return step_schedule(run.num_steps, run.depth, steps, self.config.preset, len(run.branches))
 
 
 @register_policy("rule", RuleConfig, "an explicit step x block x branch schedule: preset rm-25/rm-50/rm-75, steps=A/B/C (all "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from ..types import COMPUTE, REUSE, Action, RunInfo, Site, StepInfo
 from .base import Policy
 from .schedule import Schedule
@@ -13,10 +15,14 @@ class StaticPolicy(Policy):
     def build(self, run: RunInfo) -> Schedule:
         raise NotImplementedError
 
+    def fixed_schedule(self) -> Optional[Schedule]:
+        """The schedule when it does not depend on the run (a published preset, a file), else None."""
+        return None
+
     def reset(self, run: RunInfo) -> None:
         super().reset(run)
         schedule = self.build(run)
-        schedule.check_fits(run.num_steps, run.depth)
+        schedule.check_fits(run.num_steps, run.depth, run.branches)
         self._schedule = schedule
         self._reused_sites = {site for i in range(run.num_steps) for site in schedule.cached_sites(i)}
 

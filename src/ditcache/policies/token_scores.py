@@ -4,7 +4,8 @@ ToCa (Zou et al., ICLR 2025, https://arxiv.org/abs/2410.05317) and DuCa (Zou et 
 https://arxiv.org/abs/2412.18911) recompute only the top-k tokens of each MLP on a partial step.
 The score of token j in one layer is, as in the official DiT code (methods.md §6.1, §6.2)::
 
-    base_j   = s1 (attention received) | V-norm score | random     (L2-normalised over tokens)
+    base_j   = s1 (attention received) | V-norm score    (L2-normalised over tokens)
+             | random: raw uniform in [0, 1), one draw shared by both guidance halves
     score_j  = base_j + λ3 · age_j / I_base                          (s3, cache frequency)
     score_j *= 1 + bonus  for the max-score token of each 2x2 cell   (s4, spatial uniformity)
 
@@ -101,9 +102,19 @@ def vnorm_score(norms: torch.Tensor, recompute: str = "small") -> torch.Tensor:
     return score if recompute == "small" else -score
 
 
-def random_score(batch: int, num_tokens: int, generator: torch.Generator) -> torch.Tensor:
-    """A uniform random base score (B, N), L2-normalised like the others so λ3 means the same."""
-    return l2_normalise(torch.rand(batch, num_tokens, generator=generator))
+def random_score(batch: int, num_tokens: int, generator: torch.Generator, shared_halves: bool = False) -> torch.Tensor:
+    """A raw uniform base score (B, N) in [0, 1), not normalised, as the authors' ``score_evaluate``.
+
+    ``shared_halves``: the batch is [cond; uncond] of classifier-free guidance, and one (B/2, N) draw
+    serves both halves, so the two halves of a sample recompute the same tokens. Without guidance
+    each row draws its own.
+    """
+    if not shared_halves:
+        return torch.rand(batch, num_tokens, generator=generator)
+    if batch % 2:
+        raise ValueError(f"a guided batch has two equal halves; got {batch} rows")
+    half = torch.rand(batch // 2, num_tokens, generator=generator)  # (B/2, N)
+    return torch.cat([half, half])  # (B, N)
 
 
 # -- the terms added to the base score -----------------------------------------------------------
@@ -141,17 +152,18 @@ def top_k(score: torch.Tensor, k: int) -> torch.Tensor:
 class TokenScorer:
     """Per-layer token state of one sampling run: base scores from the last full step, cache ages.
 
-    ``kind`` is one of SCORES; ``interval`` the base full-step interval N (s3's denominator).
+    ``kind`` is one of SCORES; ``interval`` the base full-step interval N (s3's denominator);
+    ``shared_halves``: the batch is [cond; uncond] (guidance), so random scores are drawn once for both.
     """
 
     def __init__(self, kind: str, interval: int, freq_weight: float, bonus: float,
-                 vnorm_recompute: str = "small", seed: int = 0):
+                 vnorm_recompute: str = "small", seed: int = 0, shared_halves: bool = False):
         if kind not in SCORES:
             raise ValueError(f"unknown token score {kind!r}; choose from {SCORES}")
         if vnorm_recompute not in VNORM_RECOMPUTE:
             raise ValueError(f"vnorm_recompute must be one of {VNORM_RECOMPUTE}, got {vnorm_recompute!r}")
         self.kind, self.interval, self.freq_weight, self.bonus = kind, interval, freq_weight, bonus
-        self.vnorm_recompute, self.seed = vnorm_recompute, seed
+        self.vnorm_recompute, self.seed, self.shared_halves = vnorm_recompute, seed, shared_halves
         self.reset()
 
     def reset(self) -> None:
@@ -196,7 +208,7 @@ class TokenScorer:
         if age is None:
             raise RuntimeError(f"layer {layer} has no cache ages; it was never computed in this run")
         if self.kind == "random":
-            base = random_score(age.shape[0], age.shape[1], self.generator).to(age.device)
+            base = random_score(age.shape[0], age.shape[1], self.generator, self.shared_halves).to(age.device)
         else:
             base = self.base.get(layer)
             if base is None:

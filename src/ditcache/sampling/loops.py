@@ -11,6 +11,7 @@ from typing import Optional, Protocol
 
 import torch
 
+from ..finite import check_step
 from ..types import RunInfo, StepInfo
 from .diffusion import GaussianDiffusion, linear_betas, space_timesteps
 from .guidance import ModelFn, cfg_model_fn
@@ -80,6 +81,7 @@ def sample(model_fn: ModelFn, noise: torch.Tensor, labels: torch.Tensor, *, samp
             if hooks is not None:
                 hooks.begin_step(StepInfo(index=step, num_steps=num_steps, timestep=timesteps[step]))
             out = guided(x, t_model, labels)  # (B, C_out, H, W)
+            check_step(out, step, timesteps[step], hooks)  # NaN/inf stops the run here, naming the culprit
             step_noise = torch.randn((noise_rows, *x.shape[1:]), generator=generator, device=x.device,
                                      dtype=x.dtype)[:batch]  # (B, C, H, W)
             if sampler == "ddim":

@@ -11,9 +11,9 @@ index appears exactly once). Launch several processes with ``torchrun --nproc_pe
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 
 from ..images import save_npz
-from ..policies.schedule import write_json_atomic
 from .generate import SampleConfig, generate
 
 
@@ -56,23 +55,55 @@ def shard_path(out: Path, b: int) -> Path:
     return out / "shards" / f"batch{b:06d}.npz"
 
 
-def claim_folder(out: Path, settings: dict, rank: int) -> None:
-    """Rank 0 records the settings; a folder holding a run with other settings is refused."""
-    path = out / "run.json"
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved != settings:
-            diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
-            raise ValueError(f"{out} holds a run with other settings ({', '.join(diff)}); "
-                             "use another --out folder or delete it")
-    elif rank == 0:
-        write_json_atomic(path, settings)
+def samples_complete(out: Path, config: SampleConfig) -> bool:
+    """True when ``samples.npz`` is readable and holds every sample (read from its header only)."""
+    path = out / "samples.npz"
+    if not path.is_file():
+        return False
+    try:
+        with np.load(path) as data:
+            return len(data["labels"]) == config.num_samples and "arr_0" in data.files
+    except Exception:  # truncated or not a zip: redo it from the shards
+        return False
+
+
+def recover(out: Path, config: SampleConfig) -> list[str]:
+    """Bring a folder left by a crashed or concurrent run to a consistent state; returns notes.
+
+    A complete ``samples.npz`` wins: shards beside it are strays (a second run finishing a batch
+    after the first assembled) and are removed. An incomplete or unreadable ``samples.npz`` is
+    removed, and the run resumes from its shards, which ``run_shard`` checks one by one.
+    """
+    notes = []
+    shards = out / "shards"
+    if samples_complete(out, config):
+        if shards.is_dir():
+            stray = len(list(shards.glob("*.npz")))
+            shutil.rmtree(shards)
+            notes.append(f"removed {stray} stray shard(s) beside the complete {out / 'samples.npz'}")
+    elif (out / "samples.npz").exists():
+        (out / "samples.npz").unlink()
+        notes.append(f"removed an incomplete {out / 'samples.npz'}; resuming from the shards")
+    return notes
+
+
+def shard_ok(path: Path, config: SampleConfig, b: int) -> bool:
+    """True when a shard on disk is readable and holds exactly batch b's samples."""
+    try:
+        with np.load(path) as data:
+            return len(data["arr_0"]) == len(data["labels"]) == len(batch_indices(config, b))
+    except Exception:
+        return False
 
 
 def run_shard(loaded, config: SampleConfig, engine, out: Path, rank: int = 0, world: int = 1,
               progress: bool = False, device: str = "cpu") -> dict:
     """Sample this rank's missing batches; returns what this call did (batches, seconds, counters)."""
     mine = [b for b in range(num_batches(config)) if b % world == rank]
+    for b in mine:  # a shard damaged outside our atomic writes (disk full, copied folder) is redone
+        if shard_path(out, b).is_file() and not shard_ok(shard_path(out, b), config, b):
+            print(f"note: {shard_path(out, b)} is unreadable or incomplete; sampling batch {b} again", file=sys.stderr)
+            shard_path(out, b).unlink()
     todo = [b for b in mine if not shard_path(out, b).is_file()]
     done = {"batches": len(todo), "resumed_batches": len(mine) - len(todo), "seconds": 0.0, "reports": []}
     for n, b in enumerate(todo):

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from ..checkpoints import load_resumable, save_checkpoint
 from ..data.mnist import load_mnist
+from ..finite import NonFiniteError
 from ..models.dit import DiT
 from ..models.loading import save_model
 from ..sampling.diffusion import GaussianDiffusion, linear_betas
@@ -86,6 +87,10 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.step, self.seconds = state["step"], state["seconds"]
 
+    def _kept(self) -> str:
+        return (f"{self.ckpt_path} keeps the last checkpointed state" if self.ckpt_path.is_file()
+                else "no checkpoint was written yet")
+
     def save_checkpoint(self) -> None:
         state = {"config": dataclasses.asdict(self.config), "model": self.model.state_dict(),
                  "ema": self.ema.state_dict(), "opt": self.opt.state_dict(), "gen": self.gen.get_state(),
@@ -102,6 +107,9 @@ class Trainer:
         losses = self.diffusion.training_losses(lambda xt, s: self.model(xt, s, y, force_drop_ids=drop),
                                                 x0, t, noise)
         loss = losses["loss"].mean()
+        if not torch.isfinite(loss):  # one scalar read per iteration; the stats below read it anyway
+            raise NonFiniteError(f"training iteration {self.step + 1}: the loss is {float(loss.detach())}; stopped before the "
+                                 f"update; {self._kept()}")
         lr = c.lr * min(1.0, (self.step + 1) / max(1, c.warmup))
         for group in self.opt.param_groups:
             group["lr"] = lr
@@ -141,8 +149,8 @@ class Trainer:
                 break
         bar.close()
 
-    def export(self, path: str | os.PathLike, name: str = "mnist") -> Path:
+    def export(self, path: str | os.PathLike, name: Optional[str] = None) -> Path:
         """Write the EMA weights in our safetensors format with the training facts as metadata."""
-        meta = {"name": name, "image_size": 28, "guided_channels": None, "train_iterations": self.step,
+        meta = {"name": name or Path(path).stem, "image_size": 28, "guided_channels": None, "train_iterations": self.step,
                 "train_seconds": round(self.seconds, 1), "train_config": dataclasses.asdict(self.config)}
         return save_model(self.ema.eval(), path, **meta)
