@@ -46,6 +46,8 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     if args.policy != "none" or args.corrector:
         raise ValueError("compare takes its configurations from --cache, not --policy/--corrector")
+    if args.reference_limit is not None and args.reference_limit < 1:
+        raise ValueError(f"--reference-limit must be at least 1, got {args.reference_limit}")
     if not args.cache:
         raise ValueError("give at least one --cache configuration to compare with the uncached baseline")
     if args.bootstrap < 0 or args.bootstrap == 1:
