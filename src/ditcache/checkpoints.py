@@ -21,7 +21,11 @@ def load_resumable(path: str | os.PathLike, config, may_change: tuple[str, ...])
     Fields in ``may_change`` (e.g. the iteration target) may differ: a longer or shorter run of the
     same training is the same training. Any other difference is an error that names the fields.
     """
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated or not a checkpoint: torch raises several kinds
+        raise ValueError(f"{path} is damaged ({type(err).__name__}: {' '.join(str(err).split())[:120]}); pass "
+                         "--overwrite to start again, or use another --out folder") from None
     saved, now = dict(state["config"]), dataclasses.asdict(config)
     for key in may_change:
         saved.pop(key, None), now.pop(key, None)

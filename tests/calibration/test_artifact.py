@@ -33,3 +33,12 @@ def test_wrong_kind_and_missing_path(tmp_path):
         load_artifact(tmp_path / "r", "eoc-prior", KEY)
     with pytest.raises(FileNotFoundError, match="calibrate"):
         load_artifact(tmp_path / "nothing")
+
+
+def test_a_damaged_artifact_is_one_clear_error(tmp_path):
+    key = ArtifactKey("abc", "ddim", 4, 1.5, 8)
+    path = save_artifact(Artifact("prior", key, {"attn": torch.zeros(3)}, {}), tmp_path / "a")
+    tensors = path / "tensors.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:20])
+    with pytest.raises(ValueError, match="tensors.safetensors is missing or damaged .*; make the artifact again"):
+        load_artifact(path)

@@ -146,6 +146,13 @@ def test_inception_score_only_with_the_logits_matrix(tmp_path, monkeypatch, caps
     assert "missing.pth" in capsys.readouterr().err
 
 
+def test_a_negative_reference_limit_is_refused(tmp_path, capsys):
+    path = tmp_path / "s.npz"
+    np.savez(path, arr_0=np.zeros((4, 28, 28), np.uint8))
+    assert main(["eval", str(path), "--reference-limit", "-5"]) == 2
+    assert capsys.readouterr().err == "ditcache eval: error: --reference-limit must be at least 1, got -5\n"
+
+
 @pytest.mark.parametrize("write,message", [
     (lambda p: p.write_bytes(b"not a zip"), "is not a .npz: not a zip archive"),
     (lambda p: (np.savez(p, arr_0=np.zeros((4, 28, 28), np.uint8)), p.write_bytes(p.read_bytes()[:300])),

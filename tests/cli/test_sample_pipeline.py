@@ -86,3 +86,39 @@ def test_pipeline_input_errors_are_one_line(folders, tmp_path, capsys):
     assert "not a diffusers pipeline folder" in capsys.readouterr().err
     assert main(["sample", "--model", str(folders / "pixart"), "--prompts", str(tmp_path / "none.txt")]) == 2
     assert "prompts file" in capsys.readouterr().err
+
+
+def test_eoc_prior_from_prompts_is_keyed_to_the_pipelines_run(folders, tmp_path, capsys):
+    from ditcache.calibration.artifact import ArtifactKey
+    from ditcache.calibration.prior import load_prior
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\n\na red car on the beach\n")
+    prior = tmp_path / "prior"
+    common = ["--model", str(folders / "pixart"), "--prompts", str(prompts), "--steps", "4", "--cfg-scale", "4.5",
+              "--height", "16", "--width", "16", "--no-progress"]
+    assert main(["calibrate", "eoc", *common, "--num-samples", "3", "--batch-size", "2", "--out", str(prior),
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["K"] == 3 and report["steps"] == 4 and report["sampler"].startswith("DPMSolverMultistepScheduler")
+    loaded = load_prior(prior)
+    assert set(loaded.means) == {"attn", "mlp", "cross"}  # PixArt's cross-attention has a prior too
+    assert loaded.shape[:4] == (4, 2, 2, 16)  # steps, blocks, guidance halves, tokens
+    assert loaded.artifact.meta["prompts"] == ["a photo of a cat", "a red car on the beach", "a photo of a cat"]
+    # the key is the one the pipeline's own run gets: the prior is accepted there ...
+    pipe = load_pipeline(str(folders / "pixart"))
+    pipe.set_progress_bar_config(disable=True)
+    with ditcache.enable(pipe, "rule:preset=rm-50", [f"eoc:prior={prior}"]) as handle:
+        pipe("a red car", num_inference_steps=4, guidance_scale=4.5, height=16, width=16,
+             use_resolution_binning=False, output_type="latent")
+    assert ArtifactKey.from_run(handle.engine.run) == loaded.key
+    # ... and refused, by name, for another step count
+    with ditcache.enable(pipe, "rule:preset=rm-50", [f"eoc:prior={prior}"]):
+        with pytest.raises(ValueError, match="steps"):
+            pipe("a red car", num_inference_steps=6, guidance_scale=4.5, height=16, width=16,
+                 use_resolution_binning=False, output_type="latent")
+    # sampling from the command line with it
+    assert main(["sample", *common[:2], "--prompt", "a red car", *common[4:], "--num-samples", "1",
+                 "--policy", "rule:preset=rm-50", "--corrector", f"eoc:prior={prior}", "--out",
+                 str(tmp_path / "s"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["compute_fraction"] == pytest.approx(0.5)

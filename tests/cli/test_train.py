@@ -51,3 +51,11 @@ def test_a_non_finite_loss_stops_training_before_the_update(tmp_path, data, caps
     assert train(data, tmp_path / "run", "--lr", "inf") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "training iteration 2: the loss is nan; stopped before the update" in err
+
+
+def test_a_damaged_checkpoint_is_one_line_with_the_way_out(tmp_path, data, capsys):
+    assert train(data, tmp_path / "run", "--checkpoint-every", "1") == 0
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"\x80\x04truncated")
+    assert train(data, tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "checkpoint.pt is damaged" in err and "pass --overwrite to start again" in err

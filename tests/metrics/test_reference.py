@@ -131,3 +131,20 @@ def test_an_interrupted_computation_resumes_at_its_last_chunk(png_folder, tmp_pa
     assert not parts.exists()
     for field in ("mu", "sigma", "mu_s", "sigma_s", "pool"):
         assert np.array_equal(getattr(whole, field), getattr(resumed, field))
+
+
+def test_a_reference_being_computed_by_another_process_is_refused(png_folder, tmp_path):
+    import json
+    import os
+    import socket
+
+    from ditcache.outdir import FolderInUse, lock_path
+
+    parts = cache_file(str(png_folder), "stub-a", tmp_path / "c").with_suffix(".parts")
+    lock_path(parts).parent.mkdir(parents=True)
+    lock_path(parts).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+    with pytest.raises(FolderInUse, match="is in use by pid"):
+        get_reference(str(png_folder), CountingExtractor(), cache_dir=tmp_path / "c")
+    lock_path(parts).unlink()
+    assert get_reference(str(png_folder), CountingExtractor(), cache_dir=tmp_path / "c").num_images == 12
+    assert not lock_path(parts).exists()

@@ -105,11 +105,18 @@ def load_artifact(path: str | os.PathLike, kind: Optional[str] = None, key: Opti
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{path} is not a calibration artifact (no manifest.json); "
                                 "make one with `ditcache calibrate`")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != "ditcache-artifact":
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{manifest_path} is not valid JSON ({err}); make the artifact again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "ditcache-artifact":
         raise ValueError(f"{manifest_path} is not a ditcache artifact manifest")
-    artifact = Artifact(manifest["kind"], ArtifactKey(**manifest["key"]),
-                        load_file(str(path / "tensors.safetensors")), manifest.get("meta", {}))
+    try:
+        tensors = load_file(str(path / "tensors.safetensors"))
+    except Exception as err:  # safetensors raises its own error type for a truncated file
+        raise ValueError(f"{path / 'tensors.safetensors'} is missing or damaged ({type(err).__name__}: "
+                         f"{' '.join(str(err).split())[:120]}); make the artifact again") from None
+    artifact = Artifact(manifest["kind"], ArtifactKey(**manifest["key"]), tensors, manifest.get("meta", {}))
     if kind is not None:
         artifact.check(kind, key)
     return artifact

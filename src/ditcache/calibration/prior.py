@@ -33,7 +33,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -41,7 +41,7 @@ from ..correctors.base import Corrector
 from ..engine import CacheEngine
 from ..policies import make_policy
 from ..sampling.generate import SampleConfig, generate
-from ..types import BRANCHES, Kind, RunInfo, Site, StepInfo
+from ..types import WITH_CROSS, Kind, RunInfo, Site, StepInfo
 from .artifact import Artifact, ArtifactKey, artifact_bytes, load_artifact, save_artifact
 
 PRIOR_KIND = "prior"
@@ -54,7 +54,8 @@ class Prior:
 
     def __init__(self, artifact: Artifact):
         self.artifact = artifact
-        self.means = {b.value: artifact.tensors[b.value] for b in BRANCHES}  # each (S, L, H, N, C)
+        # each (S, L, H, N, C); cross-attention too where the model has it (PixArt)
+        self.means = {b.value: artifact.tensors[b.value] for b in WITH_CROSS if b.value in artifact.tensors}
         shapes = {tuple(m.shape) for m in self.means.values()}
         if len(shapes) != 1 or len(next(iter(shapes))) != 5:
             raise ValueError(f"prior tensors must share one (steps, blocks, halves, tokens, channels) shape, got {shapes}")
@@ -160,7 +161,7 @@ def _resume(partial: Path, key: ArtifactKey, settings: dict):
         detail = ", ".join(f"{k}: partial {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"a partial extraction at {partial} was made with other settings ({detail}); "
                          "resume with the same settings, or pass --overwrite to start again")
-    sums = {b.value: art.tensors[f"{b.value}_sum"] for b in BRANCHES}
+    sums = {name[:-len("_sum")]: t for name, t in art.tensors.items() if name.endswith("_sum")}
     meta = art.meta
     return PriorRecorder(sums, meta["done"]), meta["done"], meta["seconds"], meta["model_calls"]
 
@@ -174,8 +175,7 @@ def _finished(out: Path, key: ArtifactKey, settings: dict) -> Optional[ExtractRe
     if not (out / "manifest.json").is_file():
         return None
     art = load_artifact(out, PRIOR_KIND)
-    made = {"num_samples": art.meta.get("K"), "batch_size": art.meta.get("batch_size"), "seed": art.meta.get("seed"),
-            "labels": art.meta.get("labels"), "dtype": art.meta.get("dtype")}
+    made = {**art.meta, "num_samples": art.meta.get("K")}
     diff = {k: (a, b) for k, (a, b) in art.key.mismatches(key).items()}
     diff.update({k: (made[k], v) for k, v in settings.items() if made.get(k) != v})
     if diff:
@@ -197,40 +197,64 @@ def extract_prior(loaded, config: SampleConfig, out, dtype: str = "float32", pro
     this session, leaving ``out/partial`` to resume from (for splitting a long job); the result's
     report then has ``finished`` False.
     """
+    if config.labels is None:
+        config = dataclasses.replace(config, labels=tuple(range(loaded.num_classes)))
+    config.validate(loaded.num_classes)
+    key = ArtifactKey.for_run(loaded, config.sampler, config.steps, config.cfg_scale)
+
+    def installed(recorder):
+        return CacheEngine(loaded.module, make_policy("none"), [recorder])
+
+    def run_batch(engine, batch):
+        generate(loaded, config, engine=engine, indices=batch, device=device)
+
+    job = PriorJob(key, _settings(config), installed, run_batch)
+    return accumulate(job, out, dtype, progress, checkpoint_every, max_batches)
+
+
+@dataclass(frozen=True)
+class PriorJob:
+    """What the extraction loop needs from a sampler: the artifact key, the settings a resume must
+    share (num_samples, batch_size, seed, and the labels or prompts), ``installed(recorder)`` (a context
+    manager that puts the recorder on the model and yields a handle) and ``run_batch(handle, indices)``."""
+
+    key: ArtifactKey
+    settings: dict
+    installed: Callable
+    run_batch: Callable
+
+
+def accumulate(job: PriorJob, out, dtype: str = "float32", progress: bool = False, checkpoint_every: int = 1,
+               max_batches: Optional[int] = None) -> ExtractResult:
+    """The extraction loop of every sampler: resumable running sums, then the means saved as a prior."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if checkpoint_every < 1:
         raise ValueError("checkpoint_every must be at least 1")
-    if config.labels is None:
-        config = dataclasses.replace(config, labels=tuple(range(loaded.num_classes)))
-    config.validate(loaded.num_classes)
-    out = Path(out)
+    out, key, settings = Path(out), job.key, job.settings
+    num_samples, batch_size = settings["num_samples"], settings["batch_size"]
     partial = out / "partial"
-    key = ArtifactKey.for_run(loaded, config.sampler, config.steps, config.cfg_scale)
-    settings = _settings(config)
     finished = _finished(out, key, {**settings, "dtype": dtype})
     if finished is not None:
         return finished
     recorder, done, seconds, model_calls = _resume(partial, key, settings)
     resumed_from = done
-    indices = list(range(config.num_samples))
-    batches = [indices[i:i + config.batch_size] for i in range(done, len(indices), config.batch_size)]
+    indices = list(range(num_samples))
+    batches = [indices[i:i + batch_size] for i in range(done, len(indices), batch_size)]
     if max_batches is not None:
         batches = batches[:max_batches]
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        total = -(-config.num_samples // config.batch_size)
-        bar = tqdm(total=total, initial=done // config.batch_size, desc="prior batches")
-    engine = CacheEngine(loaded.module, make_policy("none"), [recorder])
-    with engine:
+        bar = tqdm(total=-(-num_samples // batch_size), initial=done // batch_size, desc="prior batches")
+    with job.installed(recorder) as handle:
         for n, batch in enumerate(batches, 1):
             start = time.perf_counter()
-            generate(loaded, config, engine=engine, indices=batch, device=device)
+            job.run_batch(handle, batch)
             recorder.end_batch()
             seconds += time.perf_counter() - start
-            model_calls += config.steps
+            model_calls += key.steps
             done += len(batch)
             if n % checkpoint_every == 0 or n == len(batches):
                 _save_partial(partial, key, settings, recorder, done, seconds, model_calls)
@@ -238,15 +262,15 @@ def extract_prior(loaded, config: SampleConfig, out, dtype: str = "float32", pro
                 bar.update(1)
     if bar is not None:
         bar.close()
-    report = {"path": str(out), "finished": done == config.num_samples, "K": done, "resumed_from": resumed_from,
-              "seconds": seconds, "forwards": done * config.steps, "model_calls": model_calls,
-              "steps": config.steps, "sampler": config.sampler, "cfg_scale": config.cfg_scale}
-    if done < config.num_samples:
+    report = {"path": str(out), "finished": done == num_samples, "K": done, "resumed_from": resumed_from,
+              "seconds": seconds, "forwards": done * key.steps, "model_calls": model_calls,
+              "steps": key.steps, "sampler": key.sampler, "cfg_scale": key.cfg_scale}
+    if done < num_samples:
         return ExtractResult(partial, report)
     means = {b: _mean(s, recorder.count, DTYPES[dtype]) for b, s in recorder.sums.items()}
-    meta = {"K": recorder.count, "seed": config.seed, "labels": list(config.labels), "batch_size": config.batch_size,
-            "seconds": seconds, "forwards": report["forwards"], "model_calls": model_calls, "dtype": dtype,
-            "stored": "per-step means (S, L, H, N, C); H = (cond, uncond) with CFG"}
+    meta = {**settings, "K": recorder.count, "seconds": seconds, "forwards": report["forwards"],
+            "model_calls": model_calls, "dtype": dtype,
+            "stored": "per-step means (S, L, H, N, C); H = the two guidance halves in the batch's order"}
     save_artifact(Artifact(PRIOR_KIND, key, means, meta), out)  # replaces out/, partial/ included
     report.update(dtype=dtype, shape=list(means["attn"].shape), bytes=artifact_bytes(out))
     return ExtractResult(out, report)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..calibration.prior import DTYPES, extract_prior, load_prior
 from ..correctors.base import CORRECTORS
@@ -16,7 +17,8 @@ from ..models.loading import load_model
 from ..policies.base import POLICIES
 from ..registry import parse_spec
 from ..outdir import claim
-from .common import add_model_args, add_overwrite_arg, add_sampling_args, print_json, sample_config
+from .common import (add_model_args, add_overwrite_arg, add_pipeline_args, add_sampling_args, print_json, sample_config,
+                     wants_pipeline)
 
 
 def add_parser(sub) -> None:
@@ -33,6 +35,7 @@ def add_parser(sub) -> None:
                                        "from OUT/partial when started again with the same settings.")
     add_model_args(e)
     add_sampling_args(e, num_samples=1000)
+    add_pipeline_args(e)
     _set_help(e, "num_samples", "K, the uncached samples averaged (default: 1000; the authors used 1000, one per "
                                 "ImageNet class)")
     _set_help(e, "labels", "comma-separated class labels, repeated to fill K (default: cycle 0..num_classes-1)")
@@ -70,16 +73,38 @@ def _set_help(parser: argparse.ArgumentParser, dest: str, text: str) -> None:
             action.help = text
 
 
-def run_eoc(args) -> int:
+def _extract(args):
+    """(model name, fingerprint, ExtractResult): from a diffusers pipeline with prompts / labels, or a DiT."""
+    progress = not (args.json or args.no_progress)
+    common = {"dtype": args.dtype, "progress": progress, "checkpoint_every": args.checkpoint_every,
+              "max_batches": args.max_batches, "device": args.device}
+    if wants_pipeline(args):
+        from ..pipelines.calibration import extract_pipeline_prior, pipeline_key
+        from ..pipelines.sampling import load_pipeline, set_scheduler
+        from .sample_pipeline import pipeline_job
+
+        job = pipeline_job(args)
+        pipe = load_pipeline(args.model, device=args.device)
+        scheduler = set_scheduler(pipe, args.scheduler)
+        if not progress:
+            pipe.set_progress_bar_config(disable=True)
+        name = Path(args.model).name or args.model.replace("/", "_")
+        out = args.out or f"runs/prior-{name}-{scheduler}{job.steps}-cfg{job.guidance_scale:g}"
+        with claim(out, None, args.overwrite):
+            result = extract_pipeline_prior(pipe, job, out, **common)
+        return args.model, pipeline_key(pipe, job).model_fingerprint, result
     config = sample_config(args)
     # the VAE only decodes images, which a prior does not need
     loaded = load_model(args.model, vae=None, device=args.device, num_heads=args.num_heads)
     out = args.out or f"runs/prior-{loaded.name}-{config.sampler}{config.steps}-cfg{config.cfg_scale:g}"
     with claim(out, None, args.overwrite):
-        result = extract_prior(loaded, config, out, dtype=args.dtype, progress=not (args.json or args.no_progress),
-                               checkpoint_every=args.checkpoint_every, max_batches=args.max_batches,
-                               device=args.device)
-    r = {"model": loaded.name, "fingerprint": loaded.fingerprint, **result.report}
+        result = extract_prior(loaded, config, out, **common)
+    return loaded.name, loaded.fingerprint, result
+
+
+def run_eoc(args) -> int:
+    name, model_fingerprint, result = _extract(args)
+    r = {"model": name, "fingerprint": model_fingerprint, **result.report}
     if args.json:
         print_json(r)
     elif r["finished"]:
@@ -87,7 +112,7 @@ def run_eoc(args) -> int:
               f"{r['bytes'] / 1e6:.2f} MB {r['dtype']}, {r['seconds']:.1f} s, {r['forwards']} sample forwards "
               f"({r['model_calls']} model calls)")
     else:
-        print(f"stopped after {r['K']} of {config.num_samples} samples; partial state in {result.path}; "
+        print(f"stopped after {r['K']} of {args.num_samples} samples; partial state in {result.path}; "
               "run the same command again to resume")
     return 0
 

@@ -96,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
     if args.bootstrap < 0 or args.bootstrap == 1:
         raise ValueError(f"--bootstrap must be 0 (off) or at least 2, got {args.bootstrap}")
+    if args.reference_limit is not None and args.reference_limit < 1:
+        raise ValueError(f"--reference-limit must be at least 1, got {args.reference_limit}")
     logits = load_logits_weights(args.inception_logits) if args.inception_logits else None
     images, labels = load_samples(args.samples)
     check_against_reference(images, labels, args.reference)

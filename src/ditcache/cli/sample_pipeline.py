@@ -26,7 +26,8 @@ from ..sampling.sharded import batch_indices, num_batches, shard_path, sum_repor
 from .common import build_cache, cache_tag, print_json, sample_config
 
 
-def _job(args) -> PipelineJob:
+def pipeline_job(args) -> PipelineJob:
+    """The PipelineJob the command line asks for (prompts from --prompt and --prompts, or --labels)."""
     prompts = tuple(args.prompt) + (read_prompts(args.prompts) if args.prompts else ())
     return PipelineJob(num_samples=args.num_samples, batch_size=args.batch_size, steps=args.steps,
                        guidance_scale=args.cfg_scale, seed=args.seed, prompts=prompts or None,
@@ -50,7 +51,7 @@ def _assemble(out: Path, layout: SampleConfig, job: PipelineJob, text: bool) -> 
 
 def run_pipeline(args) -> int:
     policy, correctors = build_cache(args.policy, args.corrector)
-    job = _job(args)
+    job = pipeline_job(args)
     pipe = load_pipeline(args.model, device=args.device)
     scheduler = set_scheduler(pipe, args.scheduler)
     text = is_text_to_image(pipe)

@@ -280,9 +280,16 @@ def get_reference(spec: str = "mnist", extractor=None, cache_dir: str | os.PathL
     name, resolution, kind = _describe(spec)
     path = cache_file(spec, extractor.preprocessing_key, cache_dir, limit)
     if not path.is_file():
+        from ditcache.outdir import acquire, release
+
         parts = path.with_suffix(".parts")
-        _save_atomic(path, _compute(spec, kind, extractor, limit, progress, parts))
-        shutil.rmtree(parts, ignore_errors=True)
+        acquire(parts)  # one process computes a key; a second is refused (a dead one's lock is taken over)
+        try:
+            if not path.is_file():  # finished by the process that held the lock before us
+                _save_atomic(path, _compute(spec, kind, extractor, limit, progress, parts))
+            shutil.rmtree(parts, ignore_errors=True)
+        finally:
+            release(parts)
     with np.load(path) as data:
         arrays = {k: data[k] for k in data.files}
     if "pool" in arrays and "pool_radii" not in arrays:  # cached before radii were kept

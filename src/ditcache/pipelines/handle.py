@@ -57,7 +57,7 @@ def _calling_subclass(cls: type) -> type:
     return _SUBCLASSES[cls]
 
 
-def _pixel_scale(pipeline) -> int:
+def pixel_scale(pipeline) -> int:
     """Pixels per latent cell: the pipeline's VAE downsampling (1 for a bare transformer)."""
     vae = getattr(pipeline, "vae", None)
     if vae is None:
@@ -202,7 +202,7 @@ class CacheHandle:
                                None if text is None else text.shape[1])
         if self._fingerprint is None:
             self._fingerprint = fingerprint(self.transformer)
-        self.engine.describe_model(self._fingerprint, latent.shape[-2] * _pixel_scale(self.pipeline))
+        self.engine.describe_model(self._fingerprint, latent.shape[-2] * pixel_scale(self.pipeline))
         self.engine.begin_run(RunInfo(num_steps=self.steps.num_steps, depth=0, num_tokens=0,
                                       timesteps=self.steps.timesteps, sampler=scheduler_key(self.steps.scheduler),
                                       cfg_scale=self._cfg_scale()))

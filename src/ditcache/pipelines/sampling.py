@@ -118,12 +118,13 @@ def read_prompts(path: str) -> tuple[str, ...]:
     return prompts
 
 
-def sample_batch(pipe, job: PipelineJob, indices: list[int], device: str = "cpu") -> np.ndarray:
-    """Run the pipeline on samples ``indices``; uint8 images (B, H, W, 3)."""
+def sample_batch(pipe, job: PipelineJob, indices: list[int], device: str = "cpu", decode: bool = True):
+    """Run the pipeline on samples ``indices``: uint8 images (B, H, W, 3), or with ``decode`` False the
+    latents (calibration needs only the transformer's features)."""
     generators = [torch.Generator(device=device).manual_seed(sample_seed(job.seed, i)) for i in indices]
     params = call_parameters(pipe)
     kwargs = {"num_inference_steps": job.steps, "guidance_scale": job.guidance_scale, "generator": generators,
-              "output_type": "np"}
+              "output_type": "np" if decode else "latent"}
     conditions = [job.condition(i) for i in indices]
     if is_text_to_image(pipe):
         kwargs["prompt"] = conditions
@@ -134,5 +135,7 @@ def sample_batch(pipe, job: PipelineJob, indices: list[int], device: str = "cpu"
             kwargs["use_resolution_binning"] = False  # the user asked for this exact size
     else:
         kwargs["class_labels"] = conditions
-    images = pipe(**kwargs).images  # (B, H, W, 3) floats in [0, 1]
+    images = pipe(**kwargs).images  # (B, H, W, 3) floats in [0, 1], or latents
+    if not decode:
+        return images
     return np.clip(np.round(np.asarray(images) * 255), 0, 255).astype(np.uint8)
