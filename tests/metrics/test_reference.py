@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ditcache.metrics.precision_recall import knn_radii
 from ditcache.metrics.reference import cache_file, default_cache_dir, get_reference
 
 
@@ -30,10 +31,12 @@ def png_folder(tmp_path):
     return folder
 
 
-def test_cache_is_written_once_then_reused(png_folder, tmp_path):
+def test_cache_is_written_once_then_reused(png_folder, tmp_path, capsys):
     cache, stub = tmp_path / "cache", CountingExtractor()
     first = get_reference(str(png_folder), stub, cache_dir=cache)
     assert stub.calls == 1 and first.cache_path.is_file()
+    assert "computing" in capsys.readouterr().err  # a one-time cost is announced, with the cache path
+    np.testing.assert_array_equal(first.pool_radii, knn_radii(first.pool).numpy())  # kept for precision/recall
     assert first.cache_path.is_relative_to(cache)
     assert first.num_images == 12 and first.resolution == 6 and not first.precomputed
     second = get_reference(str(png_folder), stub, cache_dir=cache)

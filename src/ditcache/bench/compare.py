@@ -6,9 +6,16 @@ trajectories; the speed-up is measured as ``ditcache bench`` measures it (interl
 this process, median with min-max), never from the sampling runs, which may span processes. The MACs ratio from the engine's
 counters is always reported beside it (design.md §6: never call a MACs ratio a speed-up).
 
+With ``--fid`` every row also gets FID with a 95% bootstrap interval and, because all rows come
+from the same noise and labels index by index, the FID *difference* to the uncached row with a
+paired bootstrap interval (the same resampled indices for both rows; ``metrics/bootstrap.py``);
+a difference whose interval contains 0 is marked not significant.
+
 Each configuration's samples and quality figures are written to ``out/<slug>/`` atomically as soon
-as they exist; a rerun with the same settings reuses them, so an interrupted comparison resumes.
-``out`` is claimed by ``ditcache.outdir``: other settings are refused unless ``overwrite``.
+as they exist; a rerun with the same sampling settings reuses the samples (and the metrics, when
+their settings match too), so an interrupted comparison resumes and ``--fid`` can be added
+afterwards. ``out`` is claimed by ``ditcache.outdir`` with the sampling settings: other sampling
+settings are refused unless ``overwrite``.
 """
 
 from __future__ import annotations
@@ -25,15 +32,20 @@ import numpy as np
 from ..correctors.base import CORRECTORS
 from ..engine import CacheEngine
 from ..images import save_npz
+from ..metrics.bootstrap import REPLICATES
 from ..metrics.fidelity import fidelity
 from ..outdir import claim
 from ..policies.base import POLICIES
+from ..atomic import write_atomic
 from ..policies.schedule import write_json_atomic
 from ..registry import parse_spec
 from ..sampling.generate import SampleConfig, generate
 from ..strict_json import dumps
 
 BASELINE = "none"
+SAMPLING_KEYS = ("spec", "settings", "sample_seconds", "seconds", "compute_fraction", "macs_ratio",
+                 "cache_peak_bytes", "labels")
+HIDDEN = ("labels", "settings", "metrics")  # kept in row.json, left out of compare.json and --json
 
 
 def parse_cache(spec: str):
@@ -58,6 +70,16 @@ class CompareOptions:
     progress: bool = True
     repeats: int = 3  # interleaved timing repeats of one batch per configuration; 0: no speed-up
     overwrite: bool = False  # replace a comparison made with other settings
+    bootstrap: int = REPLICATES  # replicates for the FID intervals; 0 turns them off
+
+    def metric_settings(self) -> dict:
+        """What the saved metrics of a row depend on besides its samples."""
+        if not self.fid:
+            return {"fid": False}
+        from ..metrics.inception import extractor_key
+
+        return {"fid": True, "reference": self.reference, "reference_limit": self.reference_limit,
+                "inception": extractor_key()}
 
 
 def run_config(loaded, config: SampleConfig, spec: str, options: CompareOptions):
@@ -67,20 +89,55 @@ def run_config(loaded, config: SampleConfig, spec: str, options: CompareOptions)
     return result
 
 
-def quality(images: np.ndarray, labels: np.ndarray, base: np.ndarray, options: CompareOptions, is_mnist: bool) -> dict:
-    """Fidelity to the uncached images, class accuracy and (optionally) data metrics."""
+def quality(images: np.ndarray, labels: np.ndarray, base: np.ndarray, options: CompareOptions, is_mnist: bool,
+            folder: Path) -> dict:
+    """Fidelity to the uncached images, class accuracy and (optionally) data metrics; with FID the
+    pool features go to ``folder/features.npz`` for the paired intervals."""
     row = {f"{k}_vs_uncached": v for k, v in fidelity(images, base).items()}
     if options.classifier and is_mnist:
         from ..metrics.classifier import accuracy
 
         row["class_accuracy"] = accuracy(images, labels)
     if options.fid:
-        from ..metrics.evaluate import evaluate
+        from ..metrics.evaluate import evaluate_with_features
+        from ..metrics.inception import InceptionExtractor
 
-        m = evaluate(images, labels, reference=options.reference, reference_limit=options.reference_limit,
-                     progress=options.progress)
+        m, feats, _ = evaluate_with_features(images, labels, reference=options.reference,
+                                             extractor=InceptionExtractor(device=options.device),
+                                             reference_limit=options.reference_limit, progress=options.progress,
+                                             bootstrap=0)  # intervals come later, paired across rows
+        pool = feats["pool"].astype(np.float32)  # exact: the network computes in float32
+        write_atomic(folder / "features.npz", lambda tmp: np.savez(tmp, pool=pool))
         row.update({k: m.get(k) for k in ("fid", "sfid", "precision", "recall", "num_reference")})
     return row
+
+
+def add_intervals(rows: list[dict], out: Path, options: CompareOptions) -> None:
+    """FID intervals for every row and paired intervals of each row's FID minus the first (uncached)
+    row's, from the features saved beside each row's samples (bootstrap.py)."""
+    from ..metrics.bootstrap import FIDBootstrap, paired_difference
+    from ..metrics.inception import InceptionExtractor
+    from ..metrics.reference import get_reference
+
+    ref = get_reference(options.reference, InceptionExtractor(device=options.device), limit=options.reference_limit)
+    boot = FIDBootstrap(ref.mu, ref.sigma, options.bootstrap)
+    base_value, base_reps = None, None
+    for row in rows:
+        pool = np.load(out / slug(row["spec"]) / "features.npz")["pool"].astype(np.float64)  # (N, 2048)
+        interval, reps = boot.interval(pool, row["fid"])
+        row["fid_ci_low"], row["fid_ci_high"] = interval.low, interval.high
+        if base_reps is None:
+            base_value, base_reps = row["fid"], reps
+            continue
+        diff = paired_difference(row["fid"], reps, base_value, base_reps)
+        row.update(fid_diff=diff.value, fid_diff_ci_low=diff.low, fid_diff_ci_high=diff.high,
+                   fid_diff_significant=diff.excludes_zero)
+
+
+def _sampling_settings(row: dict) -> dict:
+    """A saved row's sampling settings; rows written before metrics were kept apart also hold the
+    FID options there, which say nothing about the samples."""
+    return {k: v for k, v in row.get("settings", {}).items() if k not in ("fid", "reference", "reference_limit")}
 
 
 def compare(loaded, config: SampleConfig, specs: Sequence[str], out: str | Path,
@@ -97,31 +154,42 @@ def compare(loaded, config: SampleConfig, specs: Sequence[str], out: str | Path,
     if options.repeats < 0:
         raise ValueError(f"--repeats must be >= 0, got {options.repeats}")
     out = Path(out)
-    settings = {"model": loaded.fingerprint, **dataclasses.asdict(config),
-                "fid": options.fid, "reference": options.reference, "reference_limit": options.reference_limit}
+    settings = {"model": loaded.fingerprint, **dataclasses.asdict(config)}
+    metrics = options.metric_settings()
     is_mnist = loaded.in_channels == 1 and loaded.image_size == 28 and loaded.num_classes == 10
     specs = [BASELINE] + [s for s in specs if s != BASELINE]
     rows, base_images = [], None
     with claim(out, settings, options.overwrite, "a comparison"):
         for spec in specs:
-            row, images = _quality_row(loaded, config, spec, out / slug(spec), settings, base_images, options, is_mnist)
+            row, images = _quality_row(loaded, config, spec, out / slug(spec), settings, metrics, base_images,
+                                       options, is_mnist)
             base_images = images if base_images is None else base_images
             row["macs_speedup_bound"] = 1.0 / row["macs_ratio"]
             rows.append(row)
+        if options.fid and options.bootstrap:
+            add_intervals(rows, out, options)
         _add_speed(rows, loaded, config, specs, options)
-        write_json_atomic(out / "compare.json", [{k: v for k, v in r.items() if k not in ("labels", "settings")}
-                                                 for r in rows])
+        write_json_atomic(out / "compare.json", [{k: v for k, v in r.items() if k not in HIDDEN} for r in rows])
     return rows
 
 
-def _quality_row(loaded, config, spec, folder, settings, base_images, options, is_mnist):
-    """(row, images) of one configuration: read from ``folder`` when made with these settings, else sampled."""
+def _quality_row(loaded, config, spec, folder, settings, metrics, base_images, options, is_mnist):
+    """(row, images) of one configuration. Samples are read from ``folder`` when made with these
+    sampling settings, their metrics measured again when made with other metric settings; else sampled."""
     saved = folder / "row.json"
-    if saved.is_file() and json.loads(saved.read_text()).get("settings") == json.loads(dumps(settings)):
-        if options.progress:
-            print(f"{spec}: reused {saved}")
+    row = json.loads(saved.read_text()) if saved.is_file() else None
+    if row is not None and _sampling_settings(row) == json.loads(dumps(settings)):
         with np.load(folder / "samples.npz") as data:
-            return json.loads(saved.read_text()), data["arr_0"]
+            images = data["arr_0"]
+        fresh = row.get("metrics") == json.loads(dumps(metrics)) and (not options.fid or (folder / "features.npz").is_file())
+        if not fresh:  # same samples, other metrics: measure them again
+            row = {k: v for k, v in row.items() if k in SAMPLING_KEYS} | {"settings": settings}
+            base = images if base_images is None else base_images
+            row.update(quality(images, np.asarray(row["labels"]), base, options, is_mnist, folder), metrics=metrics)
+            write_json_atomic(saved, row)
+        if options.progress:
+            print(f"{spec}: reused samples{' and metrics' if fresh else ''} from {folder}")
+        return row, images
     if options.progress:
         print(f"{spec}: sampling {config.num_samples} images")
     result = run_config(loaded, config, spec, options)
@@ -130,7 +198,7 @@ def _quality_row(loaded, config, spec, folder, settings, base_images, options, i
            "compute_fraction": result.report["compute_fraction"], "macs_ratio": result.report["macs_ratio"],
            "cache_peak_bytes": result.report.get("cache_peak_bytes", 0), "labels": result.labels.tolist()}
     row.update(quality(result.images, result.labels, result.images if base_images is None else base_images,
-                       options, is_mnist))
+                       options, is_mnist, folder), metrics=metrics)
     write_json_atomic(saved, row)
     return row, result.images
 
@@ -157,18 +225,33 @@ def _add_speed(rows: list[dict], loaded, config: SampleConfig, specs: list[str],
 COLUMNS = [("spec", "{}"), ("compute_fraction", "{:.3f}"), ("macs_ratio", "{:.3f}"), ("speedup", "{:.2f}x"),
            ("speedup_range", "{}"),
            ("psnr_vs_uncached", "{:.2f}"), ("ssim_vs_uncached", "{:.4f}"), ("max_abs_error_vs_uncached", "{:.0f}"),
-           ("class_accuracy", "{:.4f}"), ("fid", "{:.3f}"), ("sfid", "{:.3f}"), ("precision", "{:.3f}"),
-           ("recall", "{:.3f}")]
+           ("class_accuracy", "{:.4f}"), ("fid", "{:.2f}"), ("fid_diff", "{:+.2f}"), ("sfid", "{:.2f}"),
+           ("precision", "{:.3f}"), ("recall", "{:.3f}")]
+INTERVALS = {"fid": "fid_ci", "fid_diff": "fid_diff_ci"}  # column -> prefix of its _low/_high keys
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    """One table cell; FID and its difference carry their 95% interval, n.s. when it contains 0."""
+    if row.get(key) is None:
+        return "-"
+    text = fmt.format(row[key])
+    prefix = INTERVALS.get(key)
+    if prefix and row.get(f"{prefix}_low") is not None:
+        text += f" [{row[f'{prefix}_low']:.2f}, {row[f'{prefix}_high']:.2f}]"
+        if key == "fid_diff" and not row.get("fid_diff_significant"):
+            text += " n.s."
+    return text
 
 
 def table(rows: list[dict]) -> str:
-    """A plain-text table of the columns any row has."""
+    """A plain-text table of the columns any row has. FID intervals are 95% bootstrap intervals;
+    fid_diff is FID minus the uncached row's, paired over the shared noise."""
     rows = [{**r, "speedup_range": f"{r['speedup_min']:.2f}-{r['speedup_max']:.2f}"} if r.get("speedup_min")
             is not None else r for r in rows]
     cols = [(k, f) for k, f in COLUMNS if any(r.get(k) is not None for r in rows)]
     cells = [[k for k, _ in cols]]
     for r in rows:
-        cells.append([f.format(r[k]) if r.get(k) is not None else "-" for k, f in cols])
+        cells.append([_cell(r, k, f) for k, f in cols])
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
     repeats = rows[0].get("speed_repeats") if rows else None

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..bench.compare import CompareOptions, compare, plot, table
+from ..bench.compare import HIDDEN, CompareOptions, compare, plot, table
+from ..metrics.bootstrap import REPLICATES
 from ..models.loading import load_model
 from .common import add_cache_args, add_overwrite_arg, add_model_args, add_sampling_args, print_json, sample_config
 
@@ -16,15 +17,22 @@ def add_parser(sub) -> None:
         description="Sample the uncached baseline and every --cache configuration from identical noise and "
                     "labels in one process. Reports compute fraction, MACs ratio, measured speed-up, fidelity "
                     "to the uncached images (PSNR, SSIM, max abs error), class accuracy (MNIST models) and, "
-                    "with --fid, FID/sFID/precision/recall. A CACHE is 'policy[:k=v,...][+corrector[:k=v,...]]', "
-                    "e.g. 'rule:preset=rm-50+eoc:prior=runs/prior,gamma=0.01'. Results resume from --out.")
+                    "with --fid, FID/sFID/precision/recall on the ADM evaluator's protocol (see 'ditcache eval "
+                    "--help'). With --fid every FID has a 95% bootstrap interval over the samples, and fid_diff "
+                    "(FID minus the uncached row's) a paired bootstrap interval over the shared noise, marked "
+                    "n.s. when it contains 0. A CACHE is 'policy[:k=v,...][+corrector[:k=v,...]]', "
+                    "e.g. 'rule:preset=rm-50+eoc:prior=runs/prior,gamma=0.01'. Results resume from --out "
+                    "(samples are reused when the sampling settings match, metrics when theirs match too).")
     add_model_args(p)
     add_sampling_args(p, num_samples=100)
     add_cache_args(p)  # for its --help listing of policies and correctors
     p.add_argument("--cache", action="append", default=[], metavar="CACHE", help="a configuration; repeatable")
     p.add_argument("--fid", action="store_true", help="also compute Inception FID, sFID, precision, recall (slow on CPU)")
-    p.add_argument("--reference", default="mnist", help="FID reference: mnist, an ADM .npz or a PNG folder")
+    p.add_argument("--reference", default="mnist",
+                   help="FID reference: mnist (all 10,000 test images), an ADM .npz or a PNG folder")
     p.add_argument("--reference-limit", type=int, default=None, help="use only the first N reference images")
+    p.add_argument("--bootstrap", type=int, default=REPLICATES, metavar="R",
+                   help=f"bootstrap replicates for the FID intervals; 0 turns them off (default: {REPLICATES})")
     p.add_argument("--out", default="runs/compare", help="folder for samples and results (resumes)")
     p.add_argument("--repeats", type=int, default=3,
                    help="timing: every configuration is timed on one batch, taking turns, this many times in "
@@ -42,15 +50,17 @@ def run(args) -> int:
         raise ValueError(f"--reference-limit must be at least 1, got {args.reference_limit}")
     if not args.cache:
         raise ValueError("give at least one --cache configuration to compare with the uncached baseline")
+    if args.bootstrap < 0 or args.bootstrap == 1:
+        raise ValueError(f"--bootstrap must be 0 (off) or at least 2, got {args.bootstrap}")
     loaded = load_model(args.model, vae=args.vae, device=args.device, num_heads=args.num_heads)
     options = CompareOptions(fid=args.fid, reference=args.reference, reference_limit=args.reference_limit,
                              device=args.device, progress=not args.json, repeats=args.repeats,
-                             overwrite=args.overwrite)
+                             overwrite=args.overwrite, bootstrap=args.bootstrap)
     rows = compare(loaded, sample_config(args), args.cache, args.out, options)
     if args.plot:
         plot(rows, args.plot)
     if args.json:
-        print_json([{k: v for k, v in r.items() if k not in ("labels", "settings")} for r in rows])
+        print_json([{k: v for k, v in r.items() if k not in HIDDEN} for r in rows])
     else:
         print(table(rows))
     return 0

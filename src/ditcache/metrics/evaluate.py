@@ -1,9 +1,15 @@
 """Quality of generated samples against data: FID, sFID, precision/recall and, on MNIST, class metrics.
 
 Inception features of the samples are extracted once and shared by every metric, following the
-ADM evaluator's protocol (see ``inception.py`` for the network and its preprocessing). On the MNIST
-reference a small digit classifier stands in for the Inception logits: its score is reported as
-``is_classifier`` because it is not the Inception Score and must not be compared with one.
+ADM evaluator's protocol (see ``inception.py`` for the network and its preprocessing,
+``precision_recall.py`` for its float16 manifold arithmetic). FID comes with a bootstrap interval
+over the samples (``bootstrap.py``).
+
+Inception Score: the FID Inception weights end at pool_3 and carry no logits layer, so IS is
+reported only when the caller supplies the TF graph's logits matrix (``logits_weights``; see
+``inception_score.py``), and then exactly as the evaluator computes it; otherwise no number
+labelled IS is reported. On the MNIST reference a small digit classifier stands in: its score is
+``is_classifier``, which is not the Inception Score and must not be compared with one.
 """
 
 from __future__ import annotations
@@ -13,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ditcache.metrics.bootstrap import REPLICATES, FIDBootstrap
 from ditcache.metrics.fid import features_to_stats, frechet_distance
 from ditcache.metrics.inception import InceptionExtractor, to_nhwc_rgb
-from ditcache.metrics.inception_score import NUM_SPLITS, inception_score
+from ditcache.metrics.inception_score import NUM_SPLITS, evaluator_inception_score, inception_score
 from ditcache.metrics.precision_recall import K, precision_recall
 from ditcache.metrics.reference import get_reference, read_npz, read_png_folder
 
@@ -51,18 +58,33 @@ def load_samples(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None
 def evaluate(samples: np.ndarray, labels: np.ndarray | None = None, reference: str = "mnist",
              extractor: InceptionExtractor | None = None, classifier=None,
              cache_dir: str | os.PathLike | None = None, reference_limit: int | None = None,
-             progress: bool = False) -> dict:
+             progress: bool = False, bootstrap: int = REPLICATES, logits_weights: np.ndarray | None = None) -> dict:
     """Every data metric of uint8 samples (N, H, W[, C]) against a reference, as a flat dict.
 
-    Keys: fid, sfid, precision, recall (k = 3), num_samples, num_reference, reference,
-    reference_stats ("precomputed" or "computed"), preprocessing; and on the MNIST reference
+    Keys: fid, fid_ci_low, fid_ci_high (95% bootstrap interval over the samples, ``bootstrap``
+    replicates; None when 0), sfid, precision, recall (k = 3), num_samples, num_reference,
+    reference, reference_stats ("precomputed" or "computed"), preprocessing, bootstrap; with
+    ``logits_weights`` (2048, 1008) inception_score (the evaluator's IS); and on the MNIST reference
     is_classifier, is_classifier_std and (when ``labels`` are given) class_accuracy.
     """
+    return evaluate_with_features(samples, labels, reference, extractor, classifier, cache_dir,
+                                  reference_limit, progress, bootstrap, logits_weights)[0]
+
+
+def evaluate_with_features(samples: np.ndarray, labels: np.ndarray | None = None, reference: str = "mnist",
+                           extractor: InceptionExtractor | None = None, classifier=None,
+                           cache_dir: str | os.PathLike | None = None, reference_limit: int | None = None,
+                           progress: bool = False, bootstrap: int = REPLICATES,
+                           logits_weights: np.ndarray | None = None) -> tuple[dict, dict, np.ndarray | None]:
+    """``evaluate``, also returning the features {"pool", "spatial"} and the FID bootstrap replicates
+    (R,) (None when ``bootstrap`` is 0), for paired comparisons of runs from the same noise."""
     samples = to_nhwc_rgb(samples)  # checks dtype and shape
     if len(samples) <= K:
         raise ValueError(f"need more than {K} samples for FID and precision/recall, got {len(samples)}")
     if labels is not None and len(labels) != len(samples):
         raise ValueError(f"{len(labels)} labels for {len(samples)} samples")
+    if bootstrap < 0 or bootstrap == 1:
+        raise ValueError(f"bootstrap replicates must be 0 (off) or at least 2, got {bootstrap}")
     extractor = extractor if extractor is not None else InceptionExtractor()
     ref = get_reference(reference, extractor, cache_dir, reference_limit, progress)
 
@@ -72,6 +94,8 @@ def evaluate(samples: np.ndarray, labels: np.ndarray | None = None, reference: s
     mu_s, sigma_s = features_to_stats(feats["spatial"])
     result = {
         "fid": frechet_distance(mu, sigma, ref.mu, ref.sigma),
+        "fid_ci_low": None,
+        "fid_ci_high": None,
         "sfid": frechet_distance(mu_s, sigma_s, ref.mu_s, ref.sigma_s),
         "precision": None,
         "recall": None,
@@ -80,12 +104,22 @@ def evaluate(samples: np.ndarray, labels: np.ndarray | None = None, reference: s
         "reference": ref.name,
         "reference_stats": "precomputed" if ref.precomputed else "computed",
         "preprocessing": extractor.preprocessing_key,
+        "bootstrap": bootstrap,
     }
-    # 2. precision/recall need reference images, which a statistics-only reference lacks
+    # 2. the FID's sampling uncertainty: resample the samples, the reference stays fixed
+    replicates = None
+    if bootstrap:
+        interval, replicates = FIDBootstrap(ref.mu, ref.sigma, bootstrap).interval(feats["pool"], result["fid"])
+        result["fid_ci_low"], result["fid_ci_high"] = interval.low, interval.high
+    # 3. precision/recall need reference images, which a statistics-only reference lacks
     if ref.pool is not None and len(ref.pool) > K:
         device = getattr(extractor, "device", "cpu")
-        result["precision"], result["recall"] = precision_recall(ref.pool, feats["pool"], device=device)
-    # 3. class metrics where the digit classifier applies
+        result["precision"], result["recall"] = precision_recall(ref.pool, feats["pool"], device=device,
+                                                                 reference_radii=ref.pool_radii)
+    # 4. the evaluator's Inception Score, only from the real logits matrix
+    if logits_weights is not None:
+        result["inception_score"] = evaluator_inception_score(feats["pool"], logits_weights)
+    # 5. class metrics where the digit classifier applies
     if reference in CLASSIFIER_REFERENCES:
         from ditcache.metrics.classifier import classifier_probs, load_classifier
 
@@ -94,4 +128,4 @@ def evaluate(samples: np.ndarray, labels: np.ndarray | None = None, reference: s
         result["is_classifier"], result["is_classifier_std"] = inception_score(probs, min(NUM_SPLITS, len(probs)))
         if labels is not None:
             result["class_accuracy"] = float(np.mean(probs.argmax(axis=1) == np.asarray(labels)))
-    return result
+    return result, feats, replicates

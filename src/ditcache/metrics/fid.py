@@ -38,6 +38,12 @@ def _sqrtm_product(sigma1: np.ndarray, sigma2: np.ndarray) -> np.ndarray | None:
     return covmean
 
 
+def psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a symmetric PSD matrix (D, D); negative round-off clipped."""
+    d, u = np.linalg.eigh(sigma)
+    return (u * np.sqrt(np.clip(d, 0.0, None))) @ u.T
+
+
 def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     """tr(sqrtm(sigma1 @ sigma2)) for symmetric PSD matrices, from two symmetric eigen-decompositions.
 
@@ -46,8 +52,7 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     roots of its eigenvalues. Unlike the general ``sqrtm`` this needs no ridge for singular
     covariances (fewer samples than dimensions) and is about 6x faster at D = 2048.
     """
-    d, u = np.linalg.eigh(sigma1)
-    a = (u * np.sqrt(np.clip(d, 0.0, None))) @ u.T  # sigma1^(1/2)
+    a = psd_sqrt(sigma1)
     m = a @ sigma2 @ a
     lam = np.linalg.eigvalsh((m + m.T) / 2.0)  # symmetrise round-off before eigvalsh
     return float(np.sqrt(np.clip(lam, 0.0, None)).sum())
