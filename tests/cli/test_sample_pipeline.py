@@ -122,3 +122,21 @@ def test_eoc_prior_from_prompts_is_keyed_to_the_pipelines_run(folders, tmp_path,
                  "--policy", "rule:preset=rm-50", "--corrector", f"eoc:prior={prior}", "--out",
                  str(tmp_path / "s"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["compute_fraction"] == pytest.approx(0.5)
+
+
+def test_compare_on_a_pipeline_from_identical_noise(folders, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--model", str(folders / "pixart"), "--prompt", "a photo of a cat", "--prompt",
+                 "a red car", "--num-samples", "2", "--steps", "4", "--cfg-scale", "4.5", "--height", "16",
+                 "--width", "16", "--cache", "fora:interval=2", "--cache", "toca", "--repeats", "1",
+                 "--out", str(out), "--json"]) == 0
+    rows = {r["spec"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["none"]["compute_fraction"] == 1.0 and rows["none"]["psnr_vs_uncached"] is None  # identical images
+    assert rows["fora:interval=2"]["compute_fraction"] == pytest.approx(0.75)
+    assert 0 < rows["toca"]["compute_fraction"] < 1 and rows["toca"]["psnr_vs_uncached"] > 0
+    # the uncached row holds exactly what `ditcache sample` draws for the same job
+    assert main(["sample", "--model", str(folders / "pixart"), "--prompt", "a photo of a cat", "--prompt", "a red car",
+                 "--num-samples", "2", "--steps", "4", "--cfg-scale", "4.5", "--height", "16", "--width", "16",
+                 "--out", str(tmp_path / "s"), "--no-progress"]) == 0
+    with np.load(out / "none" / "samples.npz") as a, np.load(tmp_path / "s" / "samples.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"])

@@ -82,13 +82,6 @@ class CompareOptions:
                 "inception": extractor_key()}
 
 
-def run_config(loaded, config: SampleConfig, spec: str, options: CompareOptions):
-    policy, correctors = parse_cache(spec)
-    with CacheEngine(loaded.module, policy, correctors) as engine:
-        result = generate(loaded, config, engine=engine, device=options.device)
-    return result
-
-
 def quality(images: np.ndarray, labels: np.ndarray, base: np.ndarray, options: CompareOptions, is_mnist: bool,
             folder: Path) -> dict:
     """Fidelity to the uncached images, class accuracy and (optionally) data metrics; with FID the
@@ -140,40 +133,68 @@ def _sampling_settings(row: dict) -> dict:
     return {k: v for k, v in row.get("settings", {}).items() if k not in ("fid", "reference", "reference_limit")}
 
 
+class ModelSampler:
+    """What a comparison needs from its sampler, for our class-conditional sampler (``generate``).
+
+    ``pipelines.sampling.PipelineSampler`` is the same for a diffusers pipeline's own call."""
+
+    def __init__(self, loaded, config: SampleConfig, device: str = "cpu"):
+        self.loaded, self.config, self.device = loaded, config, device
+        self.settings = {"model": loaded.fingerprint, **dataclasses.asdict(config)}
+        self.num_samples = config.num_samples
+        self.is_mnist = loaded.in_channels == 1 and loaded.image_size == 28 and loaded.num_classes == 10
+
+    def run(self, spec: str):
+        """All samples with one configuration: an object with images, labels, seconds and report."""
+        policy, correctors = parse_cache(spec)
+        with CacheEngine(self.loaded.module, policy, correctors) as engine:
+            return generate(self.loaded, self.config, engine=engine, device=self.device)
+
+    def time(self, specs: list[str], repeats: int):
+        """SpeedRows of every spec on one batch, interleaved (``bench.speed``)."""
+        from .speed import time_policies
+
+        timing = dataclasses.replace(self.config, num_samples=min(self.config.batch_size, self.config.num_samples))
+        return time_policies(self.loaded, timing, specs, repeats, self.device, progress=False)
+
+
 def compare(loaded, config: SampleConfig, specs: Sequence[str], out: str | Path,
             options: CompareOptions = CompareOptions()) -> list[dict]:
+    """``compare_runs`` with our class-conditional sampler."""
+    return compare_runs(ModelSampler(loaded, config, options.device), specs, out, options)
+
+
+def compare_runs(sampler, specs: Sequence[str], out: str | Path, options: CompareOptions = CompareOptions()) -> list[dict]:
     """One row per spec (the uncached baseline first); resumes from ``out``.
 
     Quality figures are kept in ``out/<slug>/row.json`` and reused by a rerun with the same settings.
     Speed is never reused: with ``options.repeats`` > 0 every configuration is timed again in this
-    process on one batch, in interleaved repeats (``bench.speed.time_policies``), so no speed-up
-    divides times from different processes; with 0 no speed-up is reported.
+    process on one batch, in interleaved repeats (``bench.speed``), so no speed-up divides times from
+    different processes; with 0 no speed-up is reported.
     """
     for spec in specs:
         parse_cache(spec)  # every spec is checked before any sampling starts
     if options.repeats < 0:
         raise ValueError(f"--repeats must be >= 0, got {options.repeats}")
     out = Path(out)
-    settings = {"model": loaded.fingerprint, **dataclasses.asdict(config)}
+    settings = sampler.settings
     metrics = options.metric_settings()
-    is_mnist = loaded.in_channels == 1 and loaded.image_size == 28 and loaded.num_classes == 10
     specs = [BASELINE] + [s for s in specs if s != BASELINE]
     rows, base_images = [], None
     with claim(out, settings, options.overwrite, "a comparison"):
         for spec in specs:
-            row, images = _quality_row(loaded, config, spec, out / slug(spec), settings, metrics, base_images,
-                                       options, is_mnist)
+            row, images = _quality_row(sampler, spec, out / slug(spec), settings, metrics, base_images, options)
             base_images = images if base_images is None else base_images
             row["macs_speedup_bound"] = 1.0 / row["macs_ratio"]
             rows.append(row)
         if options.fid and options.bootstrap:
             add_intervals(rows, out, options)
-        _add_speed(rows, loaded, config, specs, options)
+        _add_speed(rows, sampler, specs, options)
         write_json_atomic(out / "compare.json", [{k: v for k, v in r.items() if k not in HIDDEN} for r in rows])
     return rows
 
 
-def _quality_row(loaded, config, spec, folder, settings, metrics, base_images, options, is_mnist):
+def _quality_row(sampler, spec, folder, settings, metrics, base_images, options):
     """(row, images) of one configuration. Samples are read from ``folder`` when made with these
     sampling settings, their metrics measured again when made with other metric settings; else sampled."""
     saved = folder / "row.json"
@@ -185,38 +206,34 @@ def _quality_row(loaded, config, spec, folder, settings, metrics, base_images, o
         if not fresh:  # same samples, other metrics: measure them again
             row = {k: v for k, v in row.items() if k in SAMPLING_KEYS} | {"settings": settings}
             base = images if base_images is None else base_images
-            row.update(quality(images, np.asarray(row["labels"]), base, options, is_mnist, folder), metrics=metrics)
+            row.update(quality(images, np.asarray(row["labels"]), base, options, sampler.is_mnist, folder),
+                       metrics=metrics)
             write_json_atomic(saved, row)
         if options.progress:
             print(f"{spec}: reused samples{' and metrics' if fresh else ''} from {folder}")
         return row, images
     if options.progress:
-        print(f"{spec}: sampling {config.num_samples} images")
-    result = run_config(loaded, config, spec, options)
+        print(f"{spec}: sampling {sampler.num_samples} images")
+    result = sampler.run(spec)
     save_npz(folder / "samples.npz", result.images, result.labels)
     row = {"spec": spec, "settings": settings, "sample_seconds": result.seconds,
            "compute_fraction": result.report["compute_fraction"], "macs_ratio": result.report["macs_ratio"],
            "cache_peak_bytes": result.report.get("cache_peak_bytes", 0), "labels": result.labels.tolist()}
     row.update(quality(result.images, result.labels, result.images if base_images is None else base_images,
-                       options, is_mnist, folder), metrics=metrics)
+                       options, sampler.is_mnist, folder), metrics=metrics)
     write_json_atomic(saved, row)
     return row, result.images
 
 
-def _add_speed(rows: list[dict], loaded, config: SampleConfig, specs: list[str], options: CompareOptions) -> None:
+def _add_speed(rows: list[dict], sampler, specs: list[str], options: CompareOptions) -> None:
     """Median speed-up over interleaved repeats of one batch, with min-max and any warning; None without repeats."""
     for row in rows:
         row.update(speedup=None, speedup_min=None, speedup_max=None, speed_repeats=options.repeats, warning=None)
     if options.repeats == 0:
         return
-    from .speed import time_policies
-
-    timing = dataclasses.replace(config, num_samples=min(config.batch_size, config.num_samples))
     if options.progress:
-        print(f"timing {len(specs)} configurations on one batch of {timing.num_samples}, {options.repeats} "
-              "interleaved repeats")
-    timed = time_policies(loaded, timing, specs, options.repeats, options.device, progress=False)
-    for row, t in zip(rows, timed):
+        print(f"timing {len(specs)} configurations on one batch, {options.repeats} interleaved repeats")
+    for row, t in zip(rows, sampler.time(specs, options.repeats)):
         d = t.as_dict()
         row.update(speedup=d["speedup"], speedup_min=d["speedup_min"], speedup_max=d["speedup_max"],
                    warning=d["warning"] if options.repeats > 1 else None)

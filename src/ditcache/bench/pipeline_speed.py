@@ -31,15 +31,20 @@ def time_pipeline(specs=PIPELINE_SPECS, steps: int = 4, depth: int = 28, latent:
               "height": size, "width": size, "output_type": "latent", "use_resolution_binning": False,
               **caption_inputs(batch, text_tokens)}
 
+    return time_calls(pipe, lambda: pipe(**kwargs), specs, repeats, progress)
+
+
+def time_calls(pipe, call, specs, repeats: int = 1, progress: bool = True) -> list[SpeedRow]:
+    """Interleaved timing of ``call()`` (one use of ``pipe``) under every spec; "bare" enables nothing."""
     def run(spec: str) -> PipelineRun:
         if spec == BARE:
             start = time.perf_counter()
-            pipe(**kwargs)
+            call()
             return PipelineRun(time.perf_counter() - start)
         policy, correctors = parse_cache(spec)
         with enable(pipe, policy, correctors) as handle:
             start = time.perf_counter()
-            pipe(**kwargs)
+            call()
             seconds = time.perf_counter() - start
         return PipelineRun(seconds, handle.report())
 

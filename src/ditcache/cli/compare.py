@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from ..bench.compare import HIDDEN, CompareOptions, compare, plot, table
+from ..bench.compare import HIDDEN, CompareOptions, ModelSampler, compare_runs, plot, table
 from ..metrics.bootstrap import REPLICATES
 from ..models.loading import load_model
-from .common import add_cache_args, add_overwrite_arg, add_model_args, add_sampling_args, print_json, sample_config
+from .common import (add_cache_args, add_model_args, add_overwrite_arg, add_pipeline_args, add_sampling_args,
+                     print_json, sample_config, wants_pipeline)
 
 
 def add_parser(sub) -> None:
@@ -15,7 +16,7 @@ def add_parser(sub) -> None:
         "compare", help="run cache configurations from identical noise and compare quality and speed",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Sample the uncached baseline and every --cache configuration from identical noise and "
-                    "labels in one process. Reports compute fraction, MACs ratio, measured speed-up, fidelity "
+                    "labels (or prompts, with a diffusers pipeline: see 'ditcache sample --help') in one process. Reports compute fraction, MACs ratio, measured speed-up, fidelity "
                     "to the uncached images (PSNR, SSIM, max abs error), class accuracy (MNIST models) and, "
                     "with --fid, FID/sFID/precision/recall on the ADM evaluator's protocol (see 'ditcache eval "
                     "--help'). With --fid every FID has a 95% bootstrap interval over the samples, and fid_diff "
@@ -25,6 +26,7 @@ def add_parser(sub) -> None:
                     "(samples are reused when the sampling settings match, metrics when theirs match too).")
     add_model_args(p)
     add_sampling_args(p, num_samples=100)
+    add_pipeline_args(p)
     add_cache_args(p)  # for its --help listing of policies and correctors
     p.add_argument("--cache", action="append", default=[], metavar="CACHE", help="a configuration; repeatable")
     p.add_argument("--fid", action="store_true", help="also compute Inception FID, sFID, precision, recall (slow on CPU)")
@@ -52,11 +54,10 @@ def run(args) -> int:
         raise ValueError("give at least one --cache configuration to compare with the uncached baseline")
     if args.bootstrap < 0 or args.bootstrap == 1:
         raise ValueError(f"--bootstrap must be 0 (off) or at least 2, got {args.bootstrap}")
-    loaded = load_model(args.model, vae=args.vae, device=args.device, num_heads=args.num_heads)
     options = CompareOptions(fid=args.fid, reference=args.reference, reference_limit=args.reference_limit,
                              device=args.device, progress=not args.json, repeats=args.repeats,
                              overwrite=args.overwrite, bootstrap=args.bootstrap)
-    rows = compare(loaded, sample_config(args), args.cache, args.out, options)
+    rows = compare_runs(_sampler(args), args.cache, args.out, options)
     if args.plot:
         plot(rows, args.plot)
     if args.json:
@@ -64,3 +65,18 @@ def run(args) -> int:
     else:
         print(table(rows))
     return 0
+
+
+def _sampler(args):
+    """Our sampler on a loaded model, or a diffusers pipeline's own call (prompts / --scheduler)."""
+    if wants_pipeline(args):
+        from ..pipelines.sampling import PipelineSampler, load_pipeline, set_scheduler
+        from .sample_pipeline import pipeline_job
+
+        job = pipeline_job(args)
+        pipe = load_pipeline(args.model, device=args.device)
+        set_scheduler(pipe, args.scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        return PipelineSampler(pipe, job, args.model, args.device)
+    loaded = load_model(args.model, vae=args.vae, device=args.device, num_heads=args.num_heads)
+    return ModelSampler(loaded, sample_config(args), args.device)

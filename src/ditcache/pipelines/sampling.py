@@ -139,3 +139,53 @@ def sample_batch(pipe, job: PipelineJob, indices: list[int], device: str = "cpu"
     if not decode:
         return images
     return np.clip(np.round(np.asarray(images) * 255), 0, 255).astype(np.uint8)
+
+
+@dataclass
+class PipelineRunResult:
+    images: np.ndarray  # (N, H, W, 3) uint8
+    labels: np.ndarray  # (N,): class labels, or sample indices for text (prompts are in the settings)
+    seconds: float
+    report: dict
+
+
+class PipelineSampler:
+    """What ``bench.compare.compare_runs`` needs, for a diffusers pipeline's own call: every
+    configuration samples the same job (same prompts or labels, same per-sample noise)."""
+
+    is_mnist = False
+
+    def __init__(self, pipe, job: PipelineJob, model: str, device: str = "cpu"):
+        self.pipe, self.job, self.device = pipe, job, device
+        self.text = is_text_to_image(pipe)
+        job.validate(self.text)
+        self.num_samples = job.num_samples
+        self.settings = {"model": model, "scheduler": type(pipe.scheduler).__name__, **job.__dict__}
+
+    def _batches(self) -> list[list[int]]:
+        n, size = self.job.num_samples, self.job.batch_size
+        return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+    def run(self, spec: str) -> PipelineRunResult:
+        import time
+
+        from ..bench.compare import parse_cache
+        from ..sampling.sharded import sum_reports
+        from .handle import enable
+
+        policy, correctors = parse_cache(spec)
+        images, reports, start = [], [], time.perf_counter()
+        with enable(self.pipe, policy, correctors) as handle:
+            for batch in self._batches():
+                images.append(sample_batch(self.pipe, self.job, batch, self.device))
+                reports.append(handle.report())
+        labels = [self.job.condition(i) for i in range(self.num_samples)] if not self.text else range(self.num_samples)
+        return PipelineRunResult(np.concatenate(images), np.asarray(list(labels)), time.perf_counter() - start,
+                                 sum_reports(reports))
+
+    def time(self, specs: list[str], repeats: int):
+        from ..bench.pipeline_speed import time_calls
+
+        first = self._batches()[0]
+        return time_calls(self.pipe, lambda: sample_batch(self.pipe, self.job, first, self.device), specs, repeats,
+                          progress=False)
