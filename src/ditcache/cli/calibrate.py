@@ -3,7 +3,9 @@
 - ``calibrate eoc``: extract the prior (mean pre-gate outputs of every site at every step, over K
   uncached samples) that EOC corrects with and GOC detects inflections on;
 - ``calibrate goc --prior PATH``: GOC's per-step direction statistic and the steps it excludes;
-- ``calibrate eoc-plan --policy SPEC --corrector eoc:prior=PATH``: which cached blocks EOC corrects.
+- ``calibrate eoc-plan --policy SPEC --corrector eoc:prior=PATH``: which cached blocks EOC corrects;
+- ``calibrate reuse-cost [--router DIR]``: what reusing each sub-layer at each L2C cache step costs,
+  and how far trained routers rank their sub-layers by it (rather than by their initial logits).
 """
 
 from __future__ import annotations
@@ -60,6 +62,29 @@ def add_parser(sub) -> None:
     pl.add_argument("--corrector", required=True, help="the eoc spec, e.g. eoc:prior=PATH,lam=0.2,tau=0.5")
     pl.add_argument("--json", action="store_true", help="print one JSON object")
     pl.set_defaults(func=run_eoc_plan)
+
+    r = targets.add_parser(
+        "reuse-cost", help="L2C diagnostic: the cost of reusing each sub-layer, and routers ranked against it",
+        description="On the model's own uncached DDIM trajectories (no guidance, as router training), measure for "
+                    "every cache step s and sub-layer j the mean squared error of the model output at s when only "
+                    "j reuses its output of step s-1: the MSE term of the L2C loss with one sub-layer cached. "
+                    "With --router, print per cache step the Spearman rank correlation of each router's logits "
+                    "with that cost map and with the router's initial logits.")
+    r.add_argument("--model", default="mnist", help="model (default: mnist)")
+    r.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    r.add_argument("--steps", type=int, default=20, help="DDIM steps (default: 20)")
+    r.add_argument("--trajectories", type=int, default=128, help="uncached trajectories averaged (default: 128)")
+    r.add_argument("--batch-size", type=int, default=64, help="trajectories per forward (default: 64)")
+    r.add_argument("--seed", type=int, default=1, help="seed of the trajectories' noise and labels (default: 1)")
+    r.add_argument("--cfg-scale", type=float, default=1.5,
+                   help="recorded in the map's key like a router's; the measurement has no guidance (default: 1.5)")
+    r.add_argument("--cost", default=None, help="read this cost map (an earlier --out) instead of measuring one")
+    r.add_argument("--out", default=None, help="where to write the map (default: runs/reuse-cost-<model>-ddim<steps>)")
+    r.add_argument("--router", action="append", default=[], help="an l2c-router artifact to rank (repeatable)")
+    r.add_argument("--threshold", type=float, default=0.1, help="θ for the cached counts (default: 0.1)")
+    r.add_argument("--json", action="store_true", help="print one JSON object")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.set_defaults(func=run_reuse_cost)
 
 
 def _set_help(parser: argparse.ArgumentParser, dest: str, text: str) -> None:
@@ -143,3 +168,48 @@ def _schedule(policy_spec: str, prior):
     if schedule is None:
         raise ValueError(f"policy {policy_spec!r} has no static schedule to plan over")
     return schedule
+
+
+def run_reuse_cost(args) -> int:
+    from ..calibration.artifact import load_artifact, save_artifact
+    from ..calibration.reuse_cost import (COST_KIND, check_pair, cost_artifact, ranking_report, reuse_cost_map,
+                                          router_logits)
+    from ..calibration.train_router import TrajectoryStates
+
+    if args.cost:
+        artifact = load_artifact(args.cost, COST_KIND)
+        out = args.cost
+    else:
+        loaded = load_model(args.model, vae=None, device=args.device)
+        progress = not (args.json or args.no_progress)
+        states = TrajectoryStates(loaded, args.steps, args.trajectories, args.seed, batch_size=args.batch_size,
+                                  progress=progress)
+        costs = reuse_cost_map(loaded, args.steps, states, args.batch_size, progress=progress)
+        artifact = cost_artifact(loaded, args.steps, costs, {"trajectories": args.trajectories, "seed": args.seed,
+                                                              "cfg_scale": args.cfg_scale, "guidance": "none"})
+        out = args.out or f"runs/reuse-cost-{loaded.name}-ddim{args.steps}"
+        save_artifact(artifact, out)
+    cost = artifact.tensors["cost"]
+    report = {"cost_map": str(out), "steps": artifact.key.steps, "cost": [
+        None if bool(row.isnan().any()) else [float(v) for v in row] for row in cost], "routers": {}}
+    for path in args.router:
+        router, logits, init = router_logits(path)
+        check_pair(router, artifact, path)
+        report["routers"][path] = ranking_report(logits, cost, init, args.threshold)
+    if args.json:
+        print_json(report)
+        return 0
+    print(f"reuse cost (mean squared output error, only that sub-layer reused) -> {out}")
+    width = cost.shape[1]
+    print("step  " + " ".join(f"{('a' if j % 2 == 0 else 'm') + str(j // 2):>8}" for j in range(width)))
+    for s, row in enumerate(cost):
+        if not bool(row.isnan().any()):
+            print(f"{s:4d}  " + " ".join(f"{float(v):8.2e}" for v in row))
+    for path, rows in report["routers"].items():
+        print(f"\nrouter {path}: Spearman of the logits per cache step (θ = {args.threshold:g} caches 'cached')")
+        print("step  vs cost  vs init  cached")
+        for r in rows:
+            fmt = lambda v: "    -" if v is None else f"{v:+.2f}"
+            print(f"{r['step']:4d}  {fmt(r['spearman_cost']):>7}  {fmt(r.get('spearman_init')):>7}  "
+                  f"{r['cached']:3d}/{r['width']}")
+    return 0
