@@ -154,9 +154,9 @@ def router_logits(path) -> tuple[Artifact, torch.Tensor, torch.Tensor]:
     return artifact, logits, init
 
 
-def check_pair(router: Artifact, cost: Artifact, router_path) -> None:
-    """A router and a cost map must be for the same model and step count."""
+def check_pair(router: Artifact, key: ArtifactKey, router_path) -> None:
+    """A router and a cost map (its key) must be for the same model and step count."""
     for field in ("model_fingerprint", "steps"):
-        a, b = getattr(router.key, field), getattr(cost.key, field)
+        a, b = getattr(router.key, field), getattr(key, field)
         if a != b:
             raise ValueError(f"router {router_path} was trained for {field} {a!r}, the cost map is for {b!r}")
