@@ -59,6 +59,19 @@ def test_cost_map_is_the_brute_force_reuse_error_and_zero_for_a_constant_sublaye
         assert (cost[step, [0, 1, 3, 4, 5]] > 0).all()
 
 
+def test_cost_in_context_of_an_all_computing_router_is_the_cost_alone_and_sums_exactly():
+    loaded = constant_attention(loaded_tiny())
+    states = TrajectoryStates(loaded, STEPS, 4, seed=0, batch_size=4)
+    alone = reuse_cost_map(loaded, STEPS, states, batch_size=4)
+    everything = torch.full((STEPS, 6), 50.0)  # β = 1 in float32: every other sub-layer computed
+    context = reuse_cost_map(loaded, STEPS, states, batch_size=4, logits=everything)
+    torch.testing.assert_close(context[1::2], alone[1::2], rtol=0, atol=0)
+    nothing = torch.full((STEPS, 6), -50.0)  # β = 0: every other sub-layer reused
+    reused = reuse_cost_map(loaded, STEPS, states, batch_size=4, logits=nothing)
+    assert (reused[1::2, 2] == 0).all()  # the constant sub-layer costs nothing in any context
+    assert not torch.allclose(reused[1::2], alone[1::2])  # reuse errors interact
+
+
 def test_spearman_matches_scipy_with_ties_and_is_none_when_constant():
     rng = np.random.default_rng(0)
     for _ in range(20):

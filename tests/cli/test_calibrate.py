@@ -147,8 +147,10 @@ def test_reuse_cost_maps_and_ranks_a_router(model_file, tmp_path, capsys):
     assert report["cost"][0] is None and len(report["cost"][1]) == 4  # 2 blocks x (attn, mlp)
     rows = report["routers"][str(router / "router")]
     assert [r["step"] for r in rows] == [1, 3, 5] and all(-1 <= r["spearman_init"] <= 1 for r in rows)
-    code, out, _ = calibrate(capsys, "reuse-cost", "--cost", cost, "--router", str(router / "router"))
-    assert code == 0 and "vs cost  vs init" in out
+    assert all(-1 <= r["spearman_context"] <= 1 for r in rows)
+    code, out, _ = calibrate(capsys, "reuse-cost", "--cost", cost, "--model", model_file, "--trajectories", "2",
+                             "--router", str(router / "router"), "--no-progress")
+    assert code == 0 and "vs cost  vs context  vs init" in out
     code, _, err = calibrate(capsys, "reuse-cost", "--model", model_file, "--steps", "4", "--trajectories", "2",
                              "--out", str(tmp_path / "c4"), "--router", str(router / "router"))
     assert code == 2 and "steps" in err and len(err.strip().splitlines()) == 1

@@ -12,8 +12,17 @@ sub-layer cached, the rest fresh), the same states, timesteps and no guidance, s
 a router is supposed to learn: with the L1 pull λ, a sub-layer whose cost is low should end with a
 low β, one whose cost is high with a high β.
 
-``ranking_report`` puts a router beside the map: per cache step, the Spearman rank correlation of
-its logits with the cost (should be high) and with its initial logits (should be low, or the
+Reuse errors interact: with most sub-layers of a step reused, computing one of them fresh can make
+the output *worse* (its fresh value no longer matches the stale ones around it), so what a
+router's gradient sees is the *marginal cost in context*,
+
+    context[s, j] = MSE(β with β_j = 0) − MSE(β with β_j = 1)        (the router's β elsewhere)
+
+``context_cost_map`` measures it for a given router.
+
+``ranking_report`` puts a router beside the maps: per cache step, the Spearman rank correlation of
+its logits with the cost alone, with the cost in context, and with its initial logits (which
+should be no higher than the chance correlation of the initial logits with the cost, or the
 router only kept the ranking it was initialised with).
 """
 
@@ -54,10 +63,31 @@ def step_costs(forward, blend: SubLayerBlend, diffusion, x_prev: torch.Tensor, y
     return sums
 
 
-def reuse_cost_map(loaded, num_steps: int, states, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+def step_context_costs(forward, blend: SubLayerBlend, diffusion, x_prev: torch.Tensor, y: torch.Tensor, step: int,
+                       learn_sigma: bool, beta: torch.Tensor) -> torch.Tensor:
+    """Sum over the batch of each sub-layer's marginal reuse cost with the others blended at ``beta``: (2·depth,)."""
+    x, t, target = teacher_step(forward, blend, diffusion, x_prev, y, step, learn_sigma)
+    width = 2 * blend.depth
+    sums = torch.zeros(width, dtype=torch.float64)
+
+    def batch_err(b: torch.Tensor) -> torch.Tensor:
+        with blend.blending(b.to(x.device)), torch.no_grad():
+            pred = forward(x, t, y)  # (B, C_out, H, W)
+        return (target - pred).double().pow(2).flatten(1).mean(1).sum().cpu()
+
+    for j in range(width):
+        reused, fresh = beta.clone(), beta.clone()
+        reused[j], fresh[j] = 0.0, 1.0
+        sums[j] = batch_err(reused) - batch_err(fresh)
+    return sums
+
+
+def reuse_cost_map(loaded, num_steps: int, states, batch_size: int = 64, progress: bool = False,
+                   logits: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The reuse cost (num_steps, 2·depth) float64 over a pool of trajectory states; NaN at non-cache steps.
 
     ``states`` is a ``TrajectoryStates`` pool (x at s − 1 for every cache step s, with labels).
+    With router ``logits`` (num_steps, 2·depth) it is the marginal cost in that router's context.
     """
     module = loaded.module.eval().requires_grad_(False)
     device = next(module.parameters()).device
@@ -70,14 +100,19 @@ def reuse_cost_map(loaded, num_steps: int, states, batch_size: int = 64, progres
     if progress:
         from tqdm.auto import tqdm
 
-        jobs = tqdm(jobs, desc="reuse cost", unit="batch")
+        jobs = tqdm(jobs, desc="reuse cost" if logits is None else "cost in context", unit="batch")
     totals = {s: torch.zeros(2 * blend.depth, dtype=torch.float64) for s in steps}
     with blend:
         for s, start in jobs:
             rows = slice(start, min(count, start + batch_size))
             x_prev = states.states[rows, states.cache_steps.index(s)].to(device)  # (B, C, H, W)
             y = states.labels[rows].to(device)  # (B,)
-            totals[s] += step_costs(loaded.forward, blend, diffusion, x_prev, y, s, loaded.learn_sigma)
+            if logits is None:
+                totals[s] += step_costs(loaded.forward, blend, diffusion, x_prev, y, s, loaded.learn_sigma)
+            else:
+                beta = torch.sigmoid(torch.as_tensor(logits[s]).float())
+                totals[s] += step_context_costs(loaded.forward, blend, diffusion, x_prev, y, s, loaded.learn_sigma,
+                                                beta)
     for s in steps:
         costs[s] = totals[s] / count
     return costs
@@ -114,10 +149,12 @@ def spearman(a, b) -> Optional[float]:
 
 
 def ranking_report(logits: torch.Tensor, cost: torch.Tensor, init: Optional[torch.Tensor] = None,
-                   threshold: float = 0.1) -> list[dict]:
-    """Per cache step: Spearman of the router's logits with the cost and with ``init``, and what θ caches.
+                   threshold: float = 0.1, context: Optional[torch.Tensor] = None) -> list[dict]:
+    """Per cache step: Spearman of the router's logits with the cost, the cost in context and ``init``.
 
-    logits, cost and init are (steps, 2·depth). ``cached`` counts the sub-layers with β <= θ.
+    logits, cost, init and context are (steps, 2·depth). ``init_cost`` is the Spearman of ``init``
+    with the cost: what a router that ranked exactly by cost would score against its init by
+    chance. ``cached`` counts the sub-layers with β <= θ.
     """
     logits = torch.as_tensor(logits).double().cpu()
     cost = torch.as_tensor(cost).double().cpu()
@@ -128,7 +165,11 @@ def ranking_report(logits: torch.Tensor, cost: torch.Tensor, init: Optional[torc
         row = {"step": s, "spearman_cost": spearman(logits[s].numpy(), cost[s].numpy()),
                "cached": int((torch.sigmoid(logits[s]) <= threshold).sum()), "width": int(logits.shape[1])}
         if init is not None:
-            row["spearman_init"] = spearman(logits[s].numpy(), torch.as_tensor(init)[s].double().numpy())
+            start = torch.as_tensor(init)[s].double().numpy()
+            row["spearman_init"] = spearman(logits[s].numpy(), start)
+            row["init_cost"] = spearman(start, cost[s].numpy())
+        if context is not None:
+            row["spearman_context"] = spearman(logits[s].numpy(), torch.as_tensor(context)[s].double().numpy())
         rows.append(row)
     return rows
 

@@ -88,8 +88,9 @@ def add_parser(sub) -> None:
         description="On the model's own uncached DDIM trajectories (no guidance, as router training), measure for "
                     "every cache step s and sub-layer j the mean squared error of the model output at s when only "
                     "j reuses its output of step s-1: the MSE term of the L2C loss with one sub-layer cached. "
-                    "With --router, print per cache step the Spearman rank correlation of each router's logits "
-                    "with that cost map and with the router's initial logits.")
+                    "With --router, also measure each sub-layer's marginal cost in that router's context (the others "
+                    "blended at the router's β) and print per cache step the Spearman rank correlation of the "
+                    "router's logits with both maps and with its initial logits.")
     r.add_argument("--model", default="mnist", help="model (default: mnist)")
     r.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     r.add_argument("--steps", type=int, default=20, help="DDIM steps (default: 20)")
@@ -98,7 +99,8 @@ def add_parser(sub) -> None:
     r.add_argument("--seed", type=int, default=1, help="seed of the trajectories' noise and labels (default: 1)")
     r.add_argument("--cfg-scale", type=float, default=1.5,
                    help="recorded in the map's key like a router's; the measurement has no guidance (default: 1.5)")
-    r.add_argument("--cost", default=None, help="read this cost map (an earlier --out) instead of measuring one")
+    r.add_argument("--cost", default=None, help="read this cost map (an earlier --out) instead of measuring one "
+                                               "(the context maps of --router are still measured)")
     r.add_argument("--out", default=None, help="where to write the map (default: runs/reuse-cost-<model>-ddim<steps>)")
     r.add_argument("--router", action="append", default=[], help="an l2c-router artifact to rank (repeatable)")
     r.add_argument("--threshold", type=float, default=0.1, help="θ for the cached counts (default: 0.1)")
@@ -197,19 +199,23 @@ def run_reuse_cost(args) -> int:
     from ..calibration.train_router import TrajectoryStates
 
     routers = {path: router_logits(path) for path in args.router}
+    progress = not (args.json or args.no_progress)
+    loaded, states = None, None
     if args.cost:
         artifact = load_artifact(args.cost, COST_KIND)
-        out = args.cost
-        for path, (router, _, _) in routers.items():
-            check_pair(router, artifact.key, path)
+        key, out = artifact.key, args.cost
     else:
         loaded = load_model(args.model, vae=None, device=args.device)
         key = ArtifactKey.for_run(loaded, "ddim", args.steps, args.cfg_scale)
-        for path, (router, _, _) in routers.items():  # refuse a mismatch before the measurement, not after
-            check_pair(router, key, path)
-        progress = not (args.json or args.no_progress)
-        states = TrajectoryStates(loaded, args.steps, args.trajectories, args.seed, batch_size=args.batch_size,
+    for path, (router, _, _) in routers.items():  # refuse a mismatch before measuring anything
+        check_pair(router, key, path)
+    if routers or not args.cost:
+        loaded = loaded or load_model(args.model, vae=None, device=args.device)
+        if loaded.fingerprint != key.model_fingerprint:
+            raise ValueError(f"--model {args.model} is not the model of the cost map {args.cost}")
+        states = TrajectoryStates(loaded, key.steps, args.trajectories, args.seed, batch_size=args.batch_size,
                                   progress=progress)
+    if not args.cost:
         costs = reuse_cost_map(loaded, args.steps, states, args.batch_size, progress=progress)
         artifact = cost_artifact(loaded, args.steps, costs, {"trajectories": args.trajectories, "seed": args.seed,
                                                               "cfg_scale": args.cfg_scale, "guidance": "none"})
@@ -219,7 +225,8 @@ def run_reuse_cost(args) -> int:
     report = {"cost_map": str(out), "steps": artifact.key.steps, "cost": [
         None if bool(row.isnan().any()) else [float(v) for v in row] for row in cost], "routers": {}}
     for path, (_, logits, init) in routers.items():
-        report["routers"][path] = ranking_report(logits, cost, init, args.threshold)
+        context = reuse_cost_map(loaded, key.steps, states, args.batch_size, progress=progress, logits=logits)
+        report["routers"][path] = ranking_report(logits, cost, init, args.threshold, context)
     if args.json:
         print_json(report)
         return 0
@@ -230,12 +237,14 @@ def run_reuse_cost(args) -> int:
         if not bool(row.isnan().any()):
             print(f"{s:4d}  " + " ".join(f"{float(v):8.2e}" for v in row))
     for path, rows in report["routers"].items():
-        print(f"\nrouter {path}: Spearman of the logits per cache step (θ = {args.threshold:g} caches 'cached')")
-        print("step  vs cost  vs init  cached")
+        print(f"\nrouter {path}: Spearman of the logits per cache step with the cost alone, the cost in the "
+              f"router's context and the initial logits; 'init~cost': the initial logits with the cost (chance); "
+              f"'cached' at θ = {args.threshold:g}")
+        print("step  vs cost  vs context  vs init  init~cost  cached")
         for r in rows:
             fmt = lambda v: "    -" if v is None else f"{v:+.2f}"
-            print(f"{r['step']:4d}  {fmt(r['spearman_cost']):>7}  {fmt(r.get('spearman_init')):>7}  "
-                  f"{r['cached']:3d}/{r['width']}")
+            print(f"{r['step']:4d}  {fmt(r['spearman_cost']):>7}  {fmt(r['spearman_context']):>10}  "
+                  f"{fmt(r['spearman_init']):>7}  {fmt(r['init_cost']):>9}  {r['cached']:3d}/{r['width']}")
     return 0
 
 
