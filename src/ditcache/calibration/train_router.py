@@ -13,6 +13,11 @@ One iteration, in this project's count-up step convention (the cache steps are t
 5. loss = mean((ε_full − ε_β)²) over all output channels (the variance ones too) + λ·Σ β_s;
    AdamW (weight decay 0) on the router only, then the logits are clamped to [−5, 5].
 
+That is the ``paper`` recipe. The default ``ranked`` recipe changes what kept the paper's from
+learning on the default model (RouterConfig says why; docs/results.md has the measurements):
+λ·Σβ_s² in step 5, sign descent with a linearly falling lr instead of AdamW, logits in [−10, 10],
+and in step 1 every cache step (each with its own batch) instead of one.
+
 States come from real images noised to step s − 1 (``images``, the paper's way; here MNIST for
 pixel models) or from the model's own uncached DDIM trajectories from random noise and labels
 (``trajectories``: image-free, for users with a checkpoint but no data).
