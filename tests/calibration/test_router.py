@@ -120,6 +120,8 @@ def test_router_shapes_clamp_and_schedule():
     assert router.stacked().shape == (6, 6)
     assert sublayer_index(Site(2, Branch.ATTN)) == 4 and sublayer_index(Site(2, Branch.MLP)) == 5
     router.load_logits(torch.linspace(-9, 9, 36).reshape(6, 6))
+    router.clamp_(8.0)  # the ranked recipe's wider bound
+    assert router.stacked().min() == -8.0 and router.stacked().max() == 8.0
     router.clamp_()
     assert router.stacked().min() == -LOGIT_BOUND and router.stacked().max() == LOGIT_BOUND
     logits = torch.full((6, 6), 5.0)

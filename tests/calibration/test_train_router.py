@@ -5,8 +5,8 @@ import torch
 
 from ditcache.calibration.artifact import load_artifact
 from ditcache.calibration.router import Router, SubLayerBlend
-from ditcache.calibration.train_router import (ImageStates, RouterConfig, RouterTrainer, TrajectoryStates,
-                                               default_l1, mnist_states, router_loss)
+from ditcache.calibration.train_router import (RANKED_L2, ImageStates, RouterConfig, RouterTrainer, TrajectoryStates,
+                                               default_l1, mnist_states, recipe_config, router_loss)
 from ditcache.models.loading import LoadedModel, fingerprint
 from ditcache.sampling.loops import respaced_diffusion
 
@@ -70,11 +70,15 @@ def test_l1_pushes_beta_down_only_at_cache_steps(tmp_path):
 
 def test_resume_equals_an_uninterrupted_run(tmp_path):
     model = loaded_tiny()
-    whole = RouterTrainer(model, config(iterations=6, checkpoint_every=3), tmp_path / "a", states=random_images())
+    # AdamW (whose moments the checkpoint must carry) at a constant lr, which lets a resumed run raise its target
+    whole = RouterTrainer(model, config(iterations=6, checkpoint_every=3, lr_final=1.0, optimizer="adamw"), tmp_path / "a",
+                          states=random_images())
     whole.train(progress=False)
-    first = RouterTrainer(model, config(iterations=3, checkpoint_every=3), tmp_path / "b", states=random_images())
+    first = RouterTrainer(model, config(iterations=3, checkpoint_every=3, lr_final=1.0, optimizer="adamw"), tmp_path / "b",
+                          states=random_images())
     first.train(progress=False)
-    resumed = RouterTrainer(model, config(iterations=6, checkpoint_every=3), tmp_path / "b", states=random_images())
+    resumed = RouterTrainer(model, config(iterations=6, checkpoint_every=3, lr_final=1.0, optimizer="adamw"), tmp_path / "b",
+                            states=random_images())
     assert resumed.iteration == 3
     resumed.train(progress=False)
     assert torch.equal(whole.router.stacked(), resumed.router.stacked())
@@ -89,7 +93,22 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     lines = (tmp_path / "b" / "train_log.csv").read_text().splitlines()
     assert lines[0].startswith("iteration,") and [l.split(",")[0] for l in lines[1:]] == ["3", "6"]
     with pytest.raises(ValueError, match="another config"):
-        RouterTrainer(model, config(iterations=6, lr=0.1), tmp_path / "b", states=random_images())
+        RouterTrainer(model, config(iterations=6, lr=0.1, lr_final=1.0, optimizer="adamw"), tmp_path / "b", states=random_images())
+
+
+def test_a_decaying_lr_resumes_exactly_but_refuses_a_new_iteration_target(tmp_path):
+    model = loaded_tiny()
+    whole = RouterTrainer(model, config(iterations=4, checkpoint_every=2), tmp_path / "a", states=random_images())
+    whole.train(progress=False)
+    part = RouterTrainer(model, config(iterations=4, checkpoint_every=2), tmp_path / "b", states=random_images())
+    part.train_step(), part.train_step()
+    part.save_checkpoint()
+    resumed = RouterTrainer(model, config(iterations=4, checkpoint_every=2), tmp_path / "b", states=random_images())
+    assert resumed.iteration == 2 and resumed.learning_rate() == pytest.approx(0.2 * (1 - 0.95 * 0.5))
+    resumed.train(progress=False)
+    assert torch.equal(whole.router.stacked(), resumed.router.stacked())
+    with pytest.raises(ValueError, match="another config"):
+        RouterTrainer(model, config(iterations=8, checkpoint_every=2), tmp_path / "b", states=random_images())
 
 
 def test_loss_is_the_blend_mse_plus_l1_sum():
@@ -140,9 +159,16 @@ def test_trajectory_pool_holds_the_models_own_ddim_states():
 
 
 def test_config_errors_and_defaults(tmp_path):
-    assert default_l1(20) == 5e-6 and default_l1(50) == 1e-6 and RouterConfig().lam == 5e-6
-    assert RouterConfig(steps=50).lam == 1e-6 and RouterConfig(l1=0.0).lam == 0.0
-    for bad in (dict(steps=1), dict(data="latents"), dict(batch_size=0), dict(lr=0.0)):
+    assert default_l1(20) == 5e-6 and default_l1(50) == 1e-6 and RouterConfig().lam == RANKED_L2
+    paper = recipe_config("paper")
+    assert paper.lam == 5e-6 and recipe_config("paper", steps=50).lam == 1e-6 and RouterConfig(l1=0.0).lam == 0.0
+    assert (paper.penalty, paper.optimizer, paper.step_draw, paper.lr, paper.iterations) == ("l1", "adamw", "one", 1e-3,
+                                                                                            20000)
+    assert recipe_config("paper", lr=0.5, l1=None).lr == 0.5  # None keeps the recipe's value
+    with pytest.raises(ValueError, match="unknown router recipe"):
+        recipe_config("fast")
+    for bad in (dict(steps=1), dict(data="latents"), dict(batch_size=0), dict(lr=0.0), dict(penalty="l3"),
+                dict(step_draw="some"), dict(optimizer="sgd"), dict(lr_final=0.0), dict(logit_bound=0.0)):
         with pytest.raises(ValueError):
             RouterTrainer(loaded_tiny(), config(**bad), tmp_path, states=random_images())
     with pytest.raises(ValueError, match="--data trajectories"):
@@ -154,3 +180,52 @@ def test_images_mode_reads_mnist_for_a_28px_model():
     states = mnist_states(model)
     assert states.images.shape == (10000, 1, 28, 28) and states.images.min() == -1 and states.images.max() == 1
 
+
+
+def test_the_ranked_recipe_ranks_a_constant_sublayer_first_whatever_its_start(tmp_path):
+    """Block 1's attention outputs a constant, so reusing it costs exactly 0: the router must learn that.
+
+    Its initial logit is the largest at every step (the paper's recipe keeps such an initial order);
+    after training it must be the smallest (at the lower bound), and the other logits must sit near
+    their fixed point log(cost / λ) of the λ·Σβ² objective.
+    """
+    from ditcache.calibration.reuse_cost import ranking_report, reuse_cost_map
+
+    from .test_reuse_cost import constant_attention
+
+    loaded = constant_attention(loaded_tiny())
+    pool = TrajectoryStates(loaded, STEPS, 32, seed=0, batch_size=32)
+    cost = reuse_cost_map(loaded, STEPS, pool, 32)
+    cfg = RouterConfig(steps=STEPS, batch_size=8, iterations=60, lr=0.5, l1=1e-6, data="trajectories",
+                       checkpoint_every=1000)
+    trainer = RouterTrainer(loaded, cfg, tmp_path, states=pool)
+    init = torch.randn(STEPS, 6, generator=torch.Generator().manual_seed(5))
+    init[:, 2] = 3.0  # the constant sub-layer starts as the one most worth computing
+    trainer.router.load_logits(init)
+    trainer.init_logits = init
+    trainer.train(progress=False)
+    logits = trainer.router.stacked()
+    for step in (1, 3, 5):
+        assert logits[step, 2] == -cfg.logit_bound
+        assert (logits[step, [0, 1, 3, 4, 5]] > -cfg.logit_bound).all()
+        # the fixed point log(c / λ) of the diagonal objective; 1.5 allows for the interactions between
+        # sub-layers that the one-at-a-time cost leaves out and the last updates' ±lr·lr_final jitter
+        expected = torch.log(cost[step, [0, 1, 3, 4, 5]] / cfg.l1).clamp(-cfg.logit_bound, cfg.logit_bound)
+        assert (logits[step, [0, 1, 3, 4, 5]].double() - expected).abs().max() < 1.5
+    rows = ranking_report(logits, cost, init)
+    assert all(r["spearman_cost"] > 0.7 for r in rows[:2]) and all(r["spearman_init"] < 0 for r in rows)
+
+
+def test_the_l2_penalty_is_the_sum_of_squared_betas():
+    model = loaded_tiny()
+    router = Router(STEPS, 3, torch.Generator().manual_seed(1))
+    diffusion = respaced_diffusion(STEPS)
+    x_prev, y = random_images().draw(3, 4, torch.Generator().manual_seed(0), diffusion)
+    with SubLayerBlend(model.module) as blend:
+        out = router_loss(model.forward, blend, router, diffusion, x_prev, y, 3, True, 0.01, penalty="l2")
+        with pytest.raises(ValueError, match="unknown penalty"):
+            router_loss(model.forward, blend, router, diffusion, x_prev, y, 3, True, 0.01, penalty="l0")
+    beta = torch.sigmoid(router.logits[3].detach())
+    out = {k: v.detach() for k, v in out.items()}
+    assert float(out["penalty"]) == pytest.approx(float((beta ** 2).sum()))
+    assert float(out["loss"]) == pytest.approx(float(out["mse"]) + 0.01 * float((beta ** 2).sum()))

@@ -127,3 +127,47 @@ def test_correctors_run_through_sample_specs(model_file, prior, tmp_path, capsys
     assert "goc must be the first corrector" in capsys.readouterr().err
     assert main([*base, "--steps", "4", "--out", str(tmp_path / "c"), "--corrector", f"eoc:prior={prior}"]) == 2
     assert "steps: artifact 6 vs run 4" in capsys.readouterr().err
+
+
+def test_eoc_fit_stores_gamma_and_scores_it_on_held_out_samples(model_file, prior, tmp_path, capsys):
+    import shutil
+
+    path = str(tmp_path / "prior")
+    shutil.copytree(prior, path)
+    code, out, err = calibrate(capsys, "eoc-fit", "--prior", path, "--model", model_file, "--num-samples", "3",
+                               "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["K"] == 3 and not report["holdout"] and len(report["gamma_branch"]["mul"]) == 2
+    names = [v["name"] for v in report["variants"]]
+    assert names[0] == "paper mul γ=0.01" and "fit add per step" in names
+    assert load_prior(path).artifact.meta["fit"]["seed"] == 1
+    code, out, _ = calibrate(capsys, "eoc-fit", "--prior", path, "--model", model_file, "--num-samples", "2",
+                             "--seed", "7", "--holdout")
+    assert code == 0 and "held-out samples" in out and "fit mul per block" in out
+    code, _, err = calibrate(capsys, "eoc-fit", "--prior", prior, "--model", model_file, "--holdout")
+    assert code == 2 and "calibrate eoc-fit" in err  # the shared prior was never fitted
+    assert main(["sample", "--model", model_file, "--steps", "6", "--num-samples", "2", "--policy",
+                 "rule:steps=1/3", "--corrector", f"eoc:prior={path},fit=branch", "--out", str(tmp_path / "s")]) == 0
+
+
+def test_reuse_cost_maps_and_ranks_a_router(model_file, tmp_path, capsys):
+    router = tmp_path / "r"
+    assert main(["train-router", "--model", model_file, "--steps", "6", "--data", "trajectories", "--trajectories",
+                 "4", "--batch-size", "2", "--iterations", "2", "--out", str(router), "--no-progress"]) == 0
+    capsys.readouterr()
+    cost = str(tmp_path / "cost")
+    code, out, err = calibrate(capsys, "reuse-cost", "--model", model_file, "--steps", "6", "--trajectories", "3",
+                               "--out", cost, "--router", str(router / "router"), "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["cost"][0] is None and len(report["cost"][1]) == 4  # 2 blocks x (attn, mlp)
+    rows = report["routers"][str(router / "router")]
+    assert [r["step"] for r in rows] == [1, 3, 5] and all(-1 <= r["spearman_init"] <= 1 for r in rows)
+    assert all(-1 <= r["spearman_context"] <= 1 for r in rows)
+    code, out, _ = calibrate(capsys, "reuse-cost", "--cost", cost, "--model", model_file, "--trajectories", "2",
+                             "--router", str(router / "router"), "--no-progress")
+    assert code == 0 and "vs cost  vs context  vs init" in out
+    code, _, err = calibrate(capsys, "reuse-cost", "--model", model_file, "--steps", "4", "--trajectories", "2",
+                             "--out", str(tmp_path / "c4"), "--router", str(router / "router"))
+    assert code == 2 and "steps" in err and len(err.strip().splitlines()) == 1

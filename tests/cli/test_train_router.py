@@ -34,7 +34,9 @@ def test_images_mode_trains_a_router_that_sampling_accepts(tmp_path, tiny28, cap
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["iterations"] == 3 and summary["router"] == str(out / "router")
-    assert summary["meta"]["l1"] == 5e-6 and summary["meta"]["lr"] == 1e-3 and summary["meta"]["data"] == "images"
+    meta = summary["meta"]
+    assert (meta["l1"], meta["lr"], meta["penalty"], meta["optimizer"], meta["step_draw"], meta["data"]) == (
+        1e-3, 0.15, "l2", "sign", "all", "images")  # the "ranked" recipe
     artifact = load_artifact(out / "router", "l2c-router")
     assert artifact.tensors["logits"].shape == (6, 6) and artifact.key.resolution == 28
     assert (out / "checkpoint.pt").is_file() and len((out / "train_log.csv").read_text().splitlines()) == 3
@@ -51,6 +53,17 @@ def test_images_mode_trains_a_router_that_sampling_accepts(tmp_path, tiny28, cap
     assert "6 steps x 3 blocks" in capsys.readouterr().out
 
 
+def test_the_paper_recipe_stays_reachable(tmp_path, tiny28, capsys):
+    out = tmp_path / "paper"
+    assert main(["train-router", "--model", tiny28, "--steps", "6", "--recipe", "paper", "--batch-size", "4",
+                 "--iterations", "1", "--out", str(out), "--json"]) == 0
+    meta = json.loads(capsys.readouterr().out)["meta"]
+    assert (meta["l1"], meta["lr"], meta["penalty"], meta["optimizer"], meta["step_draw"], meta["logit_bound"],
+            meta["lr_final"]) == (5e-6, 1e-3, "l1", "adamw", "one", 5.0, 1.0)
+    with pytest.raises(SystemExit):  # argparse refuses an unknown recipe with its one-line usage error
+        main(["train-router", "--model", tiny28, "--recipe", "nope", "--out", str(out)])
+
+
 def test_images_mode_refuses_a_model_mnist_does_not_fit(tmp_path, tiny8, capsys):
     assert main(["train-router", "--model", tiny8, "--steps", "6", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
@@ -61,7 +74,8 @@ def test_help_lists_the_options(capsys):
     with pytest.raises(SystemExit):
         main(["train-router", "--help"])
     text = capsys.readouterr().out
-    for option in ("--data", "--l1", "--lr", "--batch-size", "--iterations", "--checkpoint-every", "torchrun"):
+    for option in ("--data", "--l1", "--lr", "--batch-size", "--iterations", "--checkpoint-every", "torchrun",
+                   "--recipe", "--penalty", "--optimizer", "--step-draw", "--logit-bound", "--lr-final"):
         assert option in text
 
 
@@ -107,7 +121,10 @@ def test_two_processes_average_their_gradients(tmp_path, tiny8):
         for p in trainer.router.logits:
             if p.grad is not None:
                 p.grad /= 2
+        for group in trainer.opt.param_groups:
+            group["lr"] = trainer.learning_rate()
         trainer.opt.step()
-        trainer.router.clamp_()
+        trainer.router.clamp_(config.logit_bound)
+        trainer.iteration += 1
     torch.testing.assert_close(artifact.tensors["logits"], trainer.router.stacked(), rtol=1e-6, atol=1e-7)
     assert not torch.equal(artifact.tensors["logits"], RouterTrainer(loaded, config, tmp_path / "x").router.stacked())

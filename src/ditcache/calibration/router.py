@@ -72,10 +72,11 @@ class Router(nn.Module):
         """All logits as one detached tensor (steps, 2·depth)."""
         return torch.stack([p.detach() for p in self.logits])
 
-    def clamp_(self) -> None:
+    def clamp_(self, bound: float = LOGIT_BOUND) -> None:
+        """Clamp every logit to [-bound, bound] (the authors: 5)."""
         with torch.no_grad():
             for p in self.logits:
-                p.clamp_(-LOGIT_BOUND, LOGIT_BOUND)
+                p.clamp_(-bound, bound)
 
     def schedule(self, threshold: float = DEFAULT_THRESHOLD, name: str = "l2c") -> Schedule:
         """The static schedule this router gives at threshold θ."""

@@ -13,6 +13,11 @@ One iteration, in this project's count-up step convention (the cache steps are t
 5. loss = mean((ε_full − ε_β)²) over all output channels (the variance ones too) + λ·Σ β_s;
    AdamW (weight decay 0) on the router only, then the logits are clamped to [−5, 5].
 
+That is the ``paper`` recipe. The default ``ranked`` recipe changes what kept the paper's from
+learning on the default model (RouterConfig says why; docs/results.md has the measurements):
+λ·Σβ_s² in step 5, sign descent with a linearly falling lr instead of AdamW, logits in [−10, 10],
+and in step 1 every cache step (each with its own batch) instead of one.
+
 States come from real images noised to step s − 1 (``images``, the paper's way; here MNIST for
 pixel models) or from the model's own uncached DDIM trajectories from random noise and labels
 (``trajectories``: image-free, for users with a checkpoint but no data).
@@ -43,12 +48,17 @@ from ..policies.l2c import ARTIFACT_KIND, DEFAULT_THRESHOLD, cache_steps, check_
 from ..sampling.diffusion import GaussianDiffusion
 from ..sampling.loops import respaced_diffusion, sample
 from .artifact import Artifact, ArtifactKey, save_artifact
+from .optim import Signum
 from .router import Router, SubLayerBlend
 
 DATA_MODES = ("images", "trajectories")
+PENALTIES = ("l1", "l2")  # λ·Σβ (the paper) or λ·Σβ²
+STEP_DRAWS = ("one", "all")
+OPTIMIZERS = ("adamw", "sign")  # the paper's AdamW, or sign descent (calibration/optim.py says why)  # one random cache step per process per iteration (the paper), or every one
 # λ of the authors' DiT-XL/2 256 routers by step count (methods.md §3.5); other counts get 5e-6
 PAPER_L1 = {10: 1e-6, 20: 5e-6, 50: 1e-6}
 FALLBACK_L1 = 5e-6
+RANKED_L2 = 1e-3  # λ of the "ranked" recipe: at θ = 0.1 it caches sub-layers whose reuse costs < λ/9
 RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "threshold")  # none changes the maths
 
 
@@ -58,40 +68,83 @@ def default_l1(num_steps: int) -> float:
 
 @dataclass(frozen=True)
 class RouterConfig:
-    """Router training settings. Defaults are the authors' DiT-XL/2 DDIM-20 values where stated."""
+    """Router training settings. Defaults are the "ranked" recipe (RECIPES); "paper" is the authors'.
+
+    Why the defaults differ from the paper (docs/results.md, "Learning-to-Cache"): with λ·Σβ the
+    pull on every logit is the same, and on this model it is larger than the error signal at most
+    cache steps, so AdamW (which scales each logit's step by its own gradient size) moves every
+    logit by the same amount and the router keeps the ranking of its random initialisation; with
+    only ~1/10 of the iterations reaching each router it never gets far. The fixes: λ·Σβ², whose
+    fixed point for a sub-layer whose reuse costs c is β = c / (c + λ), i.e. logit = log(c / λ)
+    (ordered by cost at every step, whatever the start); sign descent, which reaches it whatever
+    the gradient's scale; every cache step in every iteration; a decaying learning rate.
+    """
 
     steps: int = 20  # DDIM steps the router is for
     cfg_scale: float = 1.5  # guidance of the inference runs it is meant for (key only: training has none)
     data: str = "images"  # "images" (the paper) or "trajectories" (image-free)
     data_dir: Optional[str] = None  # MNIST folder for images; None: $DITCACHE_MNIST or the shared folder
     trajectories: int = 1024  # per process: uncached DDIM trajectories in the image-free pool
-    batch_size: int = 64  # global: the authors' 8 per GPU on 8 GPUs
-    lr: float = 1e-3
-    l1: Optional[float] = None  # λ; None: the authors' value for this step count (PAPER_L1)
-    iterations: int = 20000  # ≈ the authors' DDIM-20 run (1 ImageNet epoch at batch 64)
+    batch_size: int = 8  # global, per cache step drawn (the paper: 64, 8 per GPU on 8 GPUs)
+    lr: float = 0.15  # per-update move of a logit at the start (the paper: AdamW at 1e-3 over ~11k updates per router)
+    l1: Optional[float] = None  # λ; None: RANKED_L2 for "l2", the authors' value for the step count for "l1"
+    iterations: int = 200  # each updates every router (the paper: 20000 ≈ 1 ImageNet epoch at batch 64)
     null_prob: float = 0.1  # labels dropped to the null class, as in DiT training
     threshold: float = DEFAULT_THRESHOLD  # θ, only for the progress bar's skip fraction
     seed: int = 0
-    checkpoint_every: int = 500
+    checkpoint_every: int = 20
+    penalty: str = "l2"  # "l1": λ·Σβ (the paper); "l2": λ·Σβ²
+    step_draw: str = "all"  # "one": one random cache step per process per iteration (the paper); "all": every one
+    logit_bound: float = 10.0  # logits clamped to [-bound, bound] after every update (the paper: 5)
+    optimizer: str = "sign"  # "adamw" (the paper, weight decay 0) or "sign": every logit moves by lr·sign(grad)
+    lr_final: float = 0.05  # lr falls linearly to lr·lr_final at the last iteration (the paper: 1, constant)
 
     def validate(self, world: int) -> None:
         if self.steps < 2:
             raise ValueError(f"L2C needs at least 2 steps (step 1 is the first cache step), got {self.steps}")
         if self.data not in DATA_MODES:
             raise ValueError(f"unknown data mode {self.data!r}; choose from {list(DATA_MODES)}")
+        if self.penalty not in PENALTIES:
+            raise ValueError(f"unknown penalty {self.penalty!r}; choose from {list(PENALTIES)}")
+        if self.step_draw not in STEP_DRAWS:
+            raise ValueError(f"unknown step draw {self.step_draw!r}; choose from {list(STEP_DRAWS)}")
         if self.batch_size < world or self.batch_size % world:
             raise ValueError(f"global batch {self.batch_size} must be a positive multiple of the {world} processes")
         if self.iterations < 0 or self.checkpoint_every < 1 or self.trajectories < 1:
             raise ValueError("iterations must be >= 0, checkpoint_every and trajectories >= 1")
         if not self.lr > 0 or (self.l1 is not None and not self.l1 >= 0):
             raise ValueError(f"lr must be > 0 and l1 >= 0, got {self.lr} and {self.l1}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {list(OPTIMIZERS)}")
+        if not 0 < self.lr_final <= 1:
+            raise ValueError(f"lr_final must be in (0, 1], got {self.lr_final}")
+        if not self.logit_bound > 0:
+            raise ValueError(f"logit_bound must be > 0, got {self.logit_bound}")
         if not 0 <= self.null_prob <= 1:
             raise ValueError(f"null_prob must be in [0, 1], got {self.null_prob}")
         check_threshold(self.threshold)
 
     @property
     def lam(self) -> float:
-        return default_l1(self.steps) if self.l1 is None else self.l1
+        if self.l1 is not None:
+            return self.l1
+        return default_l1(self.steps) if self.penalty == "l1" else RANKED_L2
+
+
+# named settings; any field can still be overridden (the paper's: methods.md §3.3, §3.5)
+RECIPES = {
+    "ranked": {},
+    "paper": dict(batch_size=64, lr=1e-3, l1=None, iterations=20000, checkpoint_every=500, penalty="l1",
+                  step_draw="one", logit_bound=5.0, optimizer="adamw", lr_final=1.0),
+}
+
+
+def recipe_config(recipe: str = "ranked", **overrides) -> RouterConfig:
+    """A RouterConfig from a named recipe; ``overrides`` whose value is None keep the recipe's."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown router recipe {recipe!r}; choose from {sorted(RECIPES)}")
+    fields = {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None}}
+    return RouterConfig(**fields)
 
 
 def _seed(*parts) -> int:
@@ -190,32 +243,49 @@ class TrajectoryStates:
 
 # -- the objective ---------------------------------------------------------------------------------
 
-def router_loss(forward, blend: SubLayerBlend, router: Router, diffusion: GaussianDiffusion,
-                x_prev: torch.Tensor, y: torch.Tensor, step: int, learn_sigma: bool, l1: float) -> dict:
-    """L2C's loss at cache step ``step`` from states ``x_prev`` (B, C, H, W) at step ``step - 1``.
+def teacher_step(forward, blend: SubLayerBlend, diffusion: GaussianDiffusion, x_prev: torch.Tensor,
+                 y: torch.Tensor, step: int, learn_sigma: bool):
+    """Steps 2-3 of an iteration, without gradients: (x, t, target) at cache step ``step``.
 
-    ``forward(x, t, y)`` is the model with ``blend`` installed; ``diffusion`` is respaced to the
-    router's step count. Returns dict(loss, mse, l1) with gradients only to ``router``.
+    The full model at ``step - 1`` on ``x_prev`` (B, C, H, W) records every sub-layer's output in
+    ``blend`` as the cache; one DDIM step gives x (B, C, H, W) at ``step``, t (B,) its model
+    timesteps, and target (B, C_out, H, W) the full model's output there.
     """
     num_steps = diffusion.num_timesteps
-    if router.num_steps != num_steps or not 1 <= step < num_steps or step % 2 != 1:
+    if not 1 <= step < num_steps or step % 2 != 1:
         raise ValueError(f"step {step} is not a cache step of a {num_steps}-step router")
     batch, device = x_prev.shape[0], x_prev.device
     previous = torch.full((batch,), num_steps - step, dtype=torch.long, device=device)  # respaced s-1
-    current = previous - 1  # respaced index of s
     with torch.no_grad():
         with blend.recording():
             out_prev = forward(x_prev, diffusion.model_timesteps(previous), y)  # (B, C_out, H, W)
         x = diffusion.ddim_step(out_prev, x_prev, previous, learn_sigma)  # (B, C, H, W) at step s
-        t = diffusion.model_timesteps(current)  # (B,)
+        t = diffusion.model_timesteps(previous - 1)  # (B,) respaced index of s
         target = forward(x, t, y)  # (B, C_out, H, W)
+    return x, t, target
+
+
+def router_loss(forward, blend: SubLayerBlend, router: Router, diffusion: GaussianDiffusion,
+                x_prev: torch.Tensor, y: torch.Tensor, step: int, learn_sigma: bool, l1: float,
+                penalty: str = "l1") -> dict:
+    """L2C's loss at cache step ``step`` from states ``x_prev`` (B, C, H, W) at step ``step - 1``.
+
+    ``forward(x, t, y)`` is the model with ``blend`` installed; ``diffusion`` is respaced to the
+    router's step count. ``penalty`` "l1" adds λ·Σβ (the paper), "l2" λ·Σβ². Returns
+    dict(loss, mse, penalty) with gradients only to ``router``.
+    """
+    if penalty not in PENALTIES:
+        raise ValueError(f"unknown penalty {penalty!r}; choose from {list(PENALTIES)}")
+    if router.num_steps != diffusion.num_timesteps:
+        raise ValueError(f"a {router.num_steps}-step router cannot train on a {diffusion.num_timesteps}-step sampler")
+    x, t, target = teacher_step(forward, blend, diffusion, x_prev, y, step, learn_sigma)
     with torch.enable_grad():
         beta = router.beta(step)  # (2 * depth,)
         with blend.blending(beta):
             pred = forward(x, t, y)  # (B, C_out, H, W)
         mse = ((target - pred) ** 2).mean()
-        l1_term = beta.sum()
-        return {"loss": mse + l1 * l1_term, "mse": mse, "l1": l1_term}
+        term = beta.sum() if penalty == "l1" else (beta ** 2).sum()
+        return {"loss": mse + l1 * term, "mse": mse, "penalty": term}
 
 
 # -- data parallel -----------------------------------------------------------------------------------
@@ -273,7 +343,11 @@ class RouterTrainer:
         self.cache_steps = cache_steps(config.steps)
         # the same initial router on every process (same seed), then each its own data stream
         self.router = Router(config.steps, self.depth, torch.Generator().manual_seed(config.seed)).to(self.device)
-        self.opt = torch.optim.AdamW(self.router.parameters(), lr=config.lr, weight_decay=0.0)
+        self.init_logits = self.router.stacked().cpu().clone()  # kept in the artifact for `calibrate reuse-cost`
+        if config.optimizer == "adamw":
+            self.opt = torch.optim.AdamW(self.router.parameters(), lr=config.lr, weight_decay=0.0)
+        else:
+            self.opt = Signum(self.router.parameters(), lr=config.lr, momentum=0.0)
         self.batch = config.batch_size // self.world  # per process
         self.gen = torch.Generator().manual_seed(data_seed(config.seed, self.rank))
         self.blend = SubLayerBlend(module)
@@ -290,7 +364,10 @@ class RouterTrainer:
 
     # -- checkpoints --------------------------------------------------------------------------------
     def _resume(self) -> None:
-        state = load_resumable(self.ckpt_path, self.config, RESUMABLE_CHANGES)
+        # with a decaying lr the schedule depends on the iteration target, so that must not change then
+        may_change = RESUMABLE_CHANGES if self.config.lr_final == 1.0 else tuple(
+            k for k in RESUMABLE_CHANGES if k != "iterations")
+        state = load_resumable(self.ckpt_path, self.config, may_change)
         if state["world"] != self.world or state["fingerprint"] != self.loaded.fingerprint:
             raise ValueError(f"{self.ckpt_path} was made by {state['world']} processes on model "
                              f"{state['fingerprint']}; this run has {self.world} on {self.loaded.fingerprint}")
@@ -315,17 +392,29 @@ class RouterTrainer:
 
     # -- training -----------------------------------------------------------------------------------
     def local_step(self) -> dict:
-        """Draw this process's cache step and batch, and add its gradient to the router's."""
+        """Draw this process's cache step(s) and batches, and add their gradients to the router's.
+
+        With ``step_draw`` "one" a single random cache step (the paper), with "all" every cache
+        step, each with its own batch: every router then gets an update every iteration.
+        """
         c = self.config
-        step = self.cache_steps[int(torch.randint(0, len(self.cache_steps), (1,), generator=self.gen))]
-        x_prev, y = self.states.draw(step, self.batch, self.gen, self.diffusion)  # (B, C, H, W), (B,)
-        drop = torch.rand(self.batch, generator=self.gen) < c.null_prob  # (B,)
-        y = torch.where(drop, torch.full_like(y, self.loaded.null_class), y)
+        if c.step_draw == "one":
+            steps = [self.cache_steps[int(torch.randint(0, len(self.cache_steps), (1,), generator=self.gen))]]
+        else:
+            steps = self.cache_steps
+        totals = {"loss": 0.0, "mse": 0.0, "penalty": 0.0}
         with self.blend:
-            out = router_loss(self.loaded.forward, self.blend, self.router, self.diffusion,
-                              x_prev.to(self.device), y.to(self.device), step, self.loaded.learn_sigma, c.lam)
-        out["loss"].backward()
-        return {"step": step, **{k: float(v.detach()) for k, v in out.items()}}
+            for step in steps:
+                x_prev, y = self.states.draw(step, self.batch, self.gen, self.diffusion)  # (B, C, H, W), (B,)
+                drop = torch.rand(self.batch, generator=self.gen) < c.null_prob  # (B,)
+                y = torch.where(drop, torch.full_like(y, self.loaded.null_class), y)
+                out = router_loss(self.loaded.forward, self.blend, self.router, self.diffusion,
+                                  x_prev.to(self.device), y.to(self.device), step, self.loaded.learn_sigma, c.lam,
+                                  c.penalty)
+                out["loss"].backward()  # each step's logits get only their own step's gradient
+                for k in totals:
+                    totals[k] += float(out[k].detach()) / len(steps)
+        return {"step": steps[0] if len(steps) == 1 else -1, **totals}
 
     def train_step(self) -> dict:
         """One iteration: local gradients, averaged over processes, AdamW, clamp."""
@@ -335,10 +424,18 @@ class RouterTrainer:
             raise NonFiniteError(f"router training iteration {self.iteration + 1}: the loss is {stats['loss']}; "
                                  f"stopped before the update; {self._kept()}")
         average_router_grads(self.router, self.world)
+        for group in self.opt.param_groups:
+            group["lr"] = self.learning_rate()
         self.opt.step()
-        self.router.clamp_()
+        self.router.clamp_(self.config.logit_bound)
         self.iteration += 1
         return stats
+
+    def learning_rate(self) -> float:
+        """lr at this iteration: linear from lr to lr·lr_final over the run (constant when lr_final is 1)."""
+        c = self.config
+        done = min(self.iteration / max(c.iterations, 1), 1.0)
+        return c.lr * (1.0 - (1.0 - c.lr_final) * done)
 
     def skip_fraction(self) -> float:
         """Fraction of all sub-layer calls the router skips at θ (the schedule's cached fraction)."""
@@ -397,9 +494,11 @@ class RouterTrainer:
         """The router as an "l2c-router" artifact keyed for DDIM at this step count and CFG scale."""
         c = self.config
         key = ArtifactKey.for_run(self.loaded, "ddim", c.steps, c.cfg_scale)
-        meta = {"l1": c.lam, "lr": c.lr, "iterations": self.iteration, "data": c.data, "seconds": round(self.seconds, 1),
+        meta = {"l1": c.lam, "penalty": c.penalty, "step_draw": c.step_draw, "logit_bound": c.logit_bound,
+                "optimizer": c.optimizer, "lr_final": c.lr_final, "lr": c.lr, "iterations": self.iteration, "data": c.data, "seconds": round(self.seconds, 1),
                 "batch_size": c.batch_size, "processes": self.world, "seed": c.seed, "depth": self.depth,
                 "skip_fraction_at_threshold": {str(c.threshold): self.skip_fraction()}}
         if c.data == "trajectories":
             meta["trajectories_per_process"] = c.trajectories
-        return Artifact(ARTIFACT_KIND, key, {"logits": self.router.stacked().cpu()}, meta)
+        return Artifact(ARTIFACT_KIND, key, {"logits": self.router.stacked().cpu(), "init_logits": self.init_logits},
+                        meta)

@@ -3,7 +3,11 @@
 - ``calibrate eoc``: extract the prior (mean pre-gate outputs of every site at every step, over K
   uncached samples) that EOC corrects with and GOC detects inflections on;
 - ``calibrate goc --prior PATH``: GOC's per-step direction statistic and the steps it excludes;
-- ``calibrate eoc-plan --policy SPEC --corrector eoc:prior=PATH``: which cached blocks EOC corrects.
+- ``calibrate eoc-plan --policy SPEC --corrector eoc:prior=PATH``: which cached blocks EOC corrects;
+- ``calibrate eoc-fit --prior PATH``: fit EOC's γ (least squares, sign included) on uncached
+  samples and store it in the prior, for ``eoc:prior=PATH,fit=branch|block|step``;
+- ``calibrate reuse-cost [--router DIR]``: what reusing each sub-layer at each L2C cache step costs,
+  and how far trained routers rank their sub-layers by it (rather than by their initial logits).
 """
 
 from __future__ import annotations
@@ -65,6 +69,49 @@ def add_parser(sub) -> None:
     pl.add_argument("--corrector", required=True, help="the eoc spec, e.g. eoc:prior=PATH,lam=0.2,tau=0.5")
     pl.add_argument("--json", action="store_true", help="print one JSON object")
     pl.set_defaults(func=run_eoc_plan)
+
+    f = targets.add_parser(
+        "eoc-fit", help="fit eoc's γ on uncached samples and store it in the prior (eoc:...,fit=branch)",
+        description="Sample K uncached trajectories with the prior's settings and accumulate, for every one-step "
+                    "reuse (feature of step t-1 reused at t), the least-squares sums of EOC's correction; store them "
+                    "in the prior, so that eoc:prior=PATH,fit=branch|block|step uses the fitted γ. Prints the "
+                    "fitted γ and the share of the squared reuse error each variant removes. With --holdout the "
+                    "prior is left alone and the γ fitted earlier is scored on these (new) samples.")
+    f.add_argument("--prior", required=True, help="a prior artifact from `ditcache calibrate eoc`")
+    f.add_argument("--model", default="mnist", help="the prior's model (default: mnist)")
+    f.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    f.add_argument("--num-samples", type=int, default=200, help="K uncached samples (default: 200)")
+    f.add_argument("--batch-size", type=int, default=100, help="samples per batch (default: 100)")
+    f.add_argument("--seed", type=int, default=1, help="sampling seed; use another one with --holdout (default: 1)")
+    f.add_argument("--holdout", action="store_true", help="score the stored fit on these samples, store nothing")
+    f.add_argument("--json", action="store_true", help="print one JSON object")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    f.set_defaults(func=run_eoc_fit)
+
+    r = targets.add_parser(
+        "reuse-cost", help="L2C diagnostic: the cost of reusing each sub-layer, and routers ranked against it",
+        description="On the model's own uncached DDIM trajectories (no guidance, as router training), measure for "
+                    "every cache step s and sub-layer j the mean squared error of the model output at s when only "
+                    "j reuses its output of step s-1: the MSE term of the L2C loss with one sub-layer cached. "
+                    "With --router, also measure each sub-layer's marginal cost in that router's context (the others "
+                    "blended at the router's β) and print per cache step the Spearman rank correlation of the "
+                    "router's logits with both maps and with its initial logits.")
+    r.add_argument("--model", default="mnist", help="model (default: mnist)")
+    r.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    r.add_argument("--steps", type=int, default=20, help="DDIM steps (default: 20)")
+    r.add_argument("--trajectories", type=int, default=128, help="uncached trajectories averaged (default: 128)")
+    r.add_argument("--batch-size", type=int, default=64, help="trajectories per forward (default: 64)")
+    r.add_argument("--seed", type=int, default=1, help="seed of the trajectories' noise and labels (default: 1)")
+    r.add_argument("--cfg-scale", type=float, default=1.5,
+                   help="recorded in the map's key like a router's; the measurement has no guidance (default: 1.5)")
+    r.add_argument("--cost", default=None, help="read this cost map (an earlier --out) instead of measuring one "
+                                               "(the context maps of --router are still measured)")
+    r.add_argument("--out", default=None, help="where to write the map (default: runs/reuse-cost-<model>-ddim<steps>)")
+    r.add_argument("--router", action="append", default=[], help="an l2c-router artifact to rank (repeatable)")
+    r.add_argument("--threshold", type=float, default=0.1, help="θ for the cached counts (default: 0.1)")
+    r.add_argument("--json", action="store_true", help="print one JSON object")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.set_defaults(func=run_reuse_cost)
 
 
 def _set_help(parser: argparse.ArgumentParser, dest: str, text: str) -> None:
@@ -172,3 +219,93 @@ def _schedule(policy_spec: str, prior):
     if schedule is None:
         raise ValueError(f"policy {policy_spec!r} has no static schedule to plan over")
     return schedule
+
+
+def run_reuse_cost(args) -> int:
+    from ..calibration.artifact import ArtifactKey, load_artifact, save_artifact
+    from ..calibration.reuse_cost import (COST_KIND, check_pair, cost_artifact, ranking_report, reuse_cost_map,
+                                          router_logits)
+    from ..calibration.train_router import TrajectoryStates
+
+    routers = {path: router_logits(path) for path in args.router}
+    progress = not (args.json or args.no_progress)
+    loaded, states = None, None
+    if args.cost:
+        artifact = load_artifact(args.cost, COST_KIND)
+        key, out = artifact.key, args.cost
+    else:
+        loaded = load_model(args.model, vae=None, device=args.device)
+        key = ArtifactKey.for_run(loaded, "ddim", args.steps, args.cfg_scale)
+    for path, (router, _, _) in routers.items():  # refuse a mismatch before measuring anything
+        check_pair(router, key, path)
+    if routers or not args.cost:
+        loaded = loaded or load_model(args.model, vae=None, device=args.device)
+        if loaded.fingerprint != key.model_fingerprint:
+            raise ValueError(f"--model {args.model} is not the model of the cost map {args.cost}")
+        states = TrajectoryStates(loaded, key.steps, args.trajectories, args.seed, batch_size=args.batch_size,
+                                  progress=progress)
+    if not args.cost:
+        costs = reuse_cost_map(loaded, args.steps, states, args.batch_size, progress=progress)
+        artifact = cost_artifact(loaded, args.steps, costs, {"trajectories": args.trajectories, "seed": args.seed,
+                                                              "cfg_scale": args.cfg_scale, "guidance": "none"})
+        out = args.out or f"runs/reuse-cost-{loaded.name}-ddim{args.steps}"
+        save_artifact(artifact, out)
+    cost = artifact.tensors["cost"]
+    report = {"cost_map": str(out), "steps": artifact.key.steps, "cost": [
+        None if bool(row.isnan().any()) else [float(v) for v in row] for row in cost], "routers": {}}
+    for path, (_, logits, init) in routers.items():
+        context = reuse_cost_map(loaded, key.steps, states, args.batch_size, progress=progress, logits=logits)
+        report["routers"][path] = ranking_report(logits, cost, init, args.threshold, context)
+    if args.json:
+        print_json(report)
+        return 0
+    print(f"reuse cost (mean squared output error, only that sub-layer reused) -> {out}")
+    width = cost.shape[1]
+    print("step  " + " ".join(f"{('a' if j % 2 == 0 else 'm') + str(j // 2):>8}" for j in range(width)))
+    for s, row in enumerate(cost):
+        if not bool(row.isnan().any()):
+            print(f"{s:4d}  " + " ".join(f"{float(v):8.2e}" for v in row))
+    for path, rows in report["routers"].items():
+        print(f"\nrouter {path}: Spearman of the logits per cache step with the cost alone, the cost in the "
+              f"router's context and the initial logits; 'init~cost': the initial logits with the cost (chance); "
+              f"'cached' at θ = {args.threshold:g}")
+        print("step  vs cost  vs context  vs init  init~cost  cached")
+        for r in rows:
+            fmt = lambda v: "    -" if v is None else f"{v:+.2f}"
+            print(f"{r['step']:4d}  {fmt(r['spearman_cost']):>7}  {fmt(r['spearman_context']):>10}  "
+                  f"{fmt(r['spearman_init']):>7}  {fmt(r['init_cost']):>9}  {r['cached']:3d}/{r['width']}")
+    return 0
+
+
+def run_eoc_fit(args) -> int:
+    from ..calibration.eoc_fit import fit_prior, fit_report, record_fit_sums, stored_sums
+    from ..sampling.generate import SampleConfig
+
+    prior = load_prior(args.prior)
+    key = prior.key
+    loaded = load_model(args.model, vae=None, device=args.device)
+    config = SampleConfig(num_samples=args.num_samples, batch_size=args.batch_size, sampler=key.sampler,
+                          steps=key.steps, cfg_scale=key.cfg_scale, seed=args.seed,
+                          labels=tuple(range(loaded.num_classes)))
+    progress = not (args.json or args.no_progress)
+    if args.holdout:
+        fitted = stored_sums(prior)
+        sums, count = record_fit_sums(loaded, prior, config, progress, args.device)
+        report = {"prior": args.prior, "holdout": True, "K": count, "seed": args.seed,
+                  "variants": fit_report(fitted, sums)}
+    else:
+        report = fit_prior(loaded, args.prior, config, progress, args.device)
+        sums = stored_sums(load_prior(args.prior))
+        report.update(holdout=False, seed=args.seed, variants=fit_report(sums, sums))
+    if args.json:
+        print_json(report)
+        return 0
+    where = "held-out samples" if args.holdout else "the fitting samples (in-sample)"
+    print(f"EOC γ fit, {report['K']} uncached samples (seed {args.seed}); share of the squared reuse error of "
+          f"one-step reuses removed on {where}, correcting every reused site:")
+    print(f"{'variant':<22} {'γ (attn, mlp)':>22} {'odd steps':>10} {'all steps':>10}")
+    for v in report["variants"]:
+        g = v["gamma"]
+        text = f"{g[0]:+.4f}, {g[1]:+.4f}" if isinstance(g, list) else "per " + v["name"].split(" ")[-1]
+        print(f"{v['name']:<22} {text:>22} {v['odd']:>10.2%} {v['all']:>10.2%}")
+    return 0

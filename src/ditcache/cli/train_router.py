@@ -12,7 +12,8 @@ import os
 from contextlib import nullcontext
 from pathlib import Path
 
-from ..calibration.train_router import DATA_MODES, PAPER_L1, RouterConfig, RouterTrainer
+from ..calibration.train_router import (DATA_MODES, OPTIMIZERS, PAPER_L1, PENALTIES, RANKED_L2, RECIPES, STEP_DRAWS, RouterConfig,
+                                        RouterTrainer, recipe_config)
 from ..models.loading import load_model
 from ..outdir import claim
 from ..sampling.sharded import barrier
@@ -41,17 +42,32 @@ def add_parser(sub) -> None:
     p.add_argument("--data-dir", default=None, help="MNIST folder (default: $DITCACHE_MNIST or the shared folder)")
     p.add_argument("--trajectories", type=int, default=d.trajectories,
                    help=f"trajectories in the image-free pool, per process (default: {d.trajectories})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help=f"global batch, split over processes (default: {d.batch_size})")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default: {d.lr})")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="ranked",
+                   help="ranked: λ·Σβ², sign descent, every cache step each iteration, decaying lr (learns the "
+                        "ranking of reuse costs on a CPU); paper: the authors' λ·Σβ, one step per iteration, "
+                        "lr 1e-3, 20000 iterations, logits in [-5, 5]. The flags below override it (default: ranked)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"global batch per cache step drawn, split over processes (ranked: {d.batch_size}, paper: 64)")
+    p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (ranked: {d.lr}, paper: 1e-3)")
     p.add_argument("--l1", type=float, default=None,
-                   help=f"λ of the sparsity term; default: the paper's value for the step count {PAPER_L1}, else 5e-6")
-    p.add_argument("--iterations", type=int, default=d.iterations, help=f"(default: {d.iterations})")
+                   help=f"λ of the sparsity term (ranked: {RANKED_L2}; paper: the authors' value for the step "
+                        f"count {PAPER_L1}, else 5e-6)")
+    p.add_argument("--penalty", choices=PENALTIES, default=None,
+                   help="sparsity term: l1 = λ·Σβ (paper), l2 = λ·Σβ² (ranked)")
+    p.add_argument("--step-draw", choices=STEP_DRAWS, default=None,
+                   help="one: one random cache step per process per iteration (paper); all: every cache step (ranked)")
+    p.add_argument("--logit-bound", type=float, default=None,
+                   help=f"clamp the logits to [-B, B] after each update (ranked: {d.logit_bound:g}, paper: 5)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                   help="adamw (paper) or sign: every logit moves by lr·sign(gradient) (ranked)")
+    p.add_argument("--lr-final", type=float, default=None,
+                   help=f"lr falls linearly to lr·LR_FINAL at the last iteration (ranked: {d.lr_final:g}; paper: 1)")
+    p.add_argument("--iterations", type=int, default=None, help=f"(ranked: {d.iterations}, paper: 20000)")
     p.add_argument("--threshold", type=float, default=d.threshold,
                    help=f"θ for the reported skip fraction (default: {d.threshold})")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
-                   help=f"iterations between checkpoints (default: {d.checkpoint_every})")
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help=f"iterations between checkpoints (ranked: {d.checkpoint_every}, paper: 500)")
     p.add_argument("--out", default=None, help="run folder (default: runs/l2c-<model>-ddim<steps>-<data>)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (and checkpoint) after this long")
     add_overwrite_arg(p)
@@ -76,10 +92,12 @@ def _distributed(device: str) -> tuple[str, bool]:
 
 
 def run(args) -> int:
-    config = RouterConfig(steps=args.steps, cfg_scale=args.cfg_scale, data=args.data, data_dir=args.data_dir,
-                          trajectories=args.trajectories, batch_size=args.batch_size, lr=args.lr, l1=args.l1,
-                          iterations=args.iterations, threshold=args.threshold, seed=args.seed,
-                          checkpoint_every=args.checkpoint_every)
+    config = recipe_config(args.recipe, steps=args.steps, cfg_scale=args.cfg_scale, data=args.data,
+                           data_dir=args.data_dir, trajectories=args.trajectories, batch_size=args.batch_size,
+                           lr=args.lr, l1=args.l1, penalty=args.penalty, step_draw=args.step_draw,
+                           logit_bound=args.logit_bound, optimizer=args.optimizer, lr_final=args.lr_final,
+                           iterations=args.iterations, threshold=args.threshold,
+                           seed=args.seed, checkpoint_every=args.checkpoint_every)
     device, distributed = _distributed(args.device)
     try:
         loaded = load_model(args.model, vae=None, device=device, num_heads=args.num_heads)

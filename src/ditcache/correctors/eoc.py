@@ -10,6 +10,11 @@ site reuses at step t the feature it computed at step s:
     S      = lam * E / E_ref + (1 - lam) * (1 - t / (N_s - 1))            score, eq. (6); optimise iff S > tau
     used   = cached * (1 + gamma * T)      (mode "mul", eq. 7)   or   cached + gamma * T   (mode "add")
 
+gamma is the paper's fixed weight by default; ``fit=branch|block|step`` uses instead the
+least-squares γ (sign included) fitted on uncached trajectories by ``ditcache calibrate eoc-fit``
+and stored in the prior (calibration/eoc_fit.py), per branch, per branch and block, or per branch,
+step and block.
+
 s is tracked per site (``observe`` says when a feature is computed), so FORA or rm-75, whose reuse
 can sit two or three steps after the computation, get the trend over the whole gap. The CFG halves of
 T (conditional, unconditional) go to the matching halves of the batch [cond B; uncond B].
@@ -40,6 +45,7 @@ from typing import Optional
 import torch
 
 from ..calibration.artifact import ArtifactKey
+from ..calibration.eoc_fit import FIT_LEVELS, fitted_gamma, stored_sums
 from ..calibration.prior import Prior, load_prior
 from ..types import BRANCHES, Kind, RunInfo, Site, StepInfo
 from .base import Corrector, register_corrector
@@ -57,6 +63,7 @@ class EocConfig:
     lam: float = 0.2  # weight of the error magnitude in the score (the rest is the step position)
     tau: float = 0.5  # optimise a cached block iff its score exceeds this
     max_step: Optional[int] = None  # if set: optimise every cached site at steps <= max_step, ignore the score
+    fit: str = "none"  # "none": gamma as given; branch / block / step: the prior's fitted γ (replaces gamma)
 
 
 @dataclass(frozen=True)
@@ -95,12 +102,15 @@ class EocCorrector(Corrector):
             raise ValueError(f"eoc branches must be one of {sorted(BRANCH_CHOICES)}, got {config.branches!r}")
         if not math.isfinite(config.gamma):
             raise ValueError(f"eoc gamma must be a finite number, got {config.gamma}")
+        if config.fit != "none" and config.fit not in FIT_LEVELS:
+            raise ValueError(f"eoc fit must be 'none' or one of {FIT_LEVELS}, got {config.fit!r}")
         if not 0.0 <= config.lam <= 1.0:
             raise ValueError(f"eoc lam must be in [0, 1], got {config.lam}")
         self.config = config
         self.branches = BRANCH_CHOICES[config.branches]
         self.prior: Optional[Prior] = None
         self._error_ref = 0.0
+        self._gamma: Optional[torch.Tensor] = None  # fitted γ (2, S, L) when fit != "none"
         self._computed: dict[Site, list[int]] = {}  # steps at which each site's stored feature was computed
         # (branch, block, t, s) -> mean|T| and (t, block, since) -> (score, optimise); both depend on the
         # prior only, so they outlive a run and later batches skip the device syncs
@@ -113,6 +123,8 @@ class EocCorrector(Corrector):
         if self.prior is None:
             self.prior = load_prior(self.config.prior, ArtifactKey.from_run(run))
             self._error_ref = self._one_step_max()
+            if self.config.fit != "none":
+                self._gamma = fitted_gamma(stored_sums(self.prior), self.config.mode, self.config.fit)
         self.prior.check_run(run)
         self._computed = {}
 
@@ -129,7 +141,13 @@ class EocCorrector(Corrector):
         if self.prior.means["attn"].device != cached.device:
             self.prior.to(cached.device)
         trend = self.prior.trend(site.branch.value, site.block, step.index, since[site.branch])  # (H, N, C)
-        return apply_trend(cached, trend, self.config.gamma, self.config.mode)
+        return apply_trend(cached, trend, self.gamma(site, step.index), self.config.mode)
+
+    def gamma(self, site: Site, step: int) -> float:
+        """The weight used at a site and step: the config's, or the fitted one."""
+        if self._gamma is None:
+            return self.config.gamma
+        return float(self._gamma[BRANCHES.index(site.branch), step, site.block])
 
     def memory_bytes(self) -> int:
         """The prior means this corrector holds (on the features' device once sampling started)."""
@@ -212,7 +230,8 @@ def plan_text(entries: list[PlanEntry], num_steps: int, depth: int) -> str:
 
 @register_corrector("eoc", EocConfig,
                     "EOC trend correction from a prior (ditcache calibrate eoc): gamma 0.01 for rule/FORA, "
-                    "the paper used 0.005 with L2C; max_step=k corrects steps <= k only")
+                    "the paper used 0.005 with L2C; fit=branch|block|step uses the γ fitted by `calibrate eoc-fit`; "
+                    "max_step=k corrects steps <= k only")
 def _eoc(config: EocConfig) -> EocCorrector:
     return EocCorrector(config)
 
