@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from ditcache.bench.peers import (NONE, NotApplicable, build_system, compare_peers, diffusers_model, level,
+from ditcache.bench.peers import (NONE, NotApplicable, build_system, compare_peers, diffusers_model, group, level,
                                   peers_table, run_system, PeersOptions)
 from ditcache.models.loading import LoadedModel, fingerprint
 from ditcache.sampling.generate import SampleConfig, generate
@@ -88,3 +88,14 @@ def test_bad_specs_fail_before_sampling(base, loaded):
 
 def test_levels():
     assert [level(f) for f in (0.55, 0.5, 0.35, 0.3, 0.28, 0.25)] == [0.5, 0.5, 1 / 3, 1 / 3, 0.25, 0.25]
+
+
+def test_table_groups_rows_by_level():
+    rows = [{"spec": NONE, "status": "ok", "compute_fraction": 1.0},
+            {"spec": "a", "status": "ok", "compute_fraction": 0.55}, {"spec": "b", "status": "ok", "compute_fraction": 0.35},
+            {"spec": "c", "status": "ok", "compute_fraction": 0.25}, {"spec": "d", "status": "ok", "compute_fraction": 0.82},
+            {"spec": "e", "status": "not run: x"}]
+    groups = {title: [r["spec"] for r in members] for title, members in group(rows)}
+    assert list(groups.values()) == [[NONE, "a"], [NONE, "b"], [NONE, "c"], ["d", "e"]]
+    text = peers_table(rows)
+    assert text.index("~50%") < text.index("`none`") < text.index("`a`") < text.index("~33%") < text.index("`b`") < text.index("`e`")

@@ -38,6 +38,7 @@ from ..sampling.loops import sample
 from .compare import parse_cache
 
 NONE = "none"
+LEVELS = (0.5, 1 / 3, 0.25)  # the table's compute levels
 S35 = "rule:steps=1/2/4/5/7/8/10/11/13/14/16/17/19"  # a full step every third step: 7 of 20 computed
 # the default table at ~50%, ~35% and ~25% of the calls (DDIM-20): ditcache's schedules alone, with
 # GOC and with forecast; diffusers' TaylorSeer at the same intervals (warmup 1 puts it on the same
@@ -284,18 +285,41 @@ def _time(systems: dict, rows: list[dict], loaded, config: SampleConfig, options
             row["speedup"] = base / row["seconds"]
 
 
-def level(fraction: float, levels=(0.5, 1 / 3, 0.25)) -> float:
+def level(fraction: float, levels=LEVELS) -> float:
     """The compute level a fraction belongs to (the nearest of ``levels``)."""
     return min(levels, key=lambda x: abs(x - fraction))
 
 
-def peers_table(rows: list[dict]) -> str:
-    """Markdown: one line per system, with its status where it did not run."""
-    head = "| system | compute (counted) | measured speed-up | PSNR vs uncached | SSIM | FID | class acc. | status |"
-    lines = [head, "|" + "---|" * 8]
-    fmt = lambda v, f: "-" if v is None else f.format(v)  # noqa: E731
+def group(rows: list[dict], levels=LEVELS, tolerance: float = 0.08) -> list[tuple[str, list[dict]]]:
+    """Rows by compute level (within ``tolerance`` of it), each led by the uncached row, then the rest
+    (other fractions, systems that did not run)."""
+    reference = [r for r in rows if r["spec"] == NONE]
+    groups = {x: list(reference) for x in levels}
+    rest = []
     for r in rows:
-        lines.append(f"| `{r['spec']}` | {fmt(r.get('compute_fraction'), '{:.3f}')} | {fmt(r.get('speedup'), '{:.2f}x')} "
-                     f"| {fmt(r.get('psnr_vs_uncached'), '{:.2f}')} | {fmt(r.get('ssim_vs_uncached'), '{:.4f}')} "
-                     f"| {fmt(r.get('fid'), '{:.2f}')} | {fmt(r.get('class_accuracy'), '{:.3f}')} | {r['status']} |")
-    return "\n".join(lines)
+        if r["spec"] == NONE:
+            continue
+        f = r.get("compute_fraction")
+        if f is not None and f < 1.0 and abs(level(f, levels) - f) <= tolerance:
+            groups[level(f, levels)].append(r)
+        else:
+            rest.append(r)
+    return [(f"~{x:.0%} of the calls", groups[x]) for x in levels] + [("other fractions, and systems that did not run", rest)]
+
+
+def peers_table(rows: list[dict]) -> str:
+    """Markdown: a table per compute level, one line per system, with its status where it did not run."""
+    fmt = lambda v, f: "-" if v is None else f.format(v)  # noqa: E731
+    out = []
+    for title, members in group(rows):
+        if not members:
+            continue
+        out += [f"**{title}**", "",
+                "| system | compute (counted) | measured speed-up | PSNR vs uncached | SSIM | FID | class acc. | status |",
+                "|" + "---|" * 8]
+        for r in members:
+            out.append(f"| `{r['spec']}` | {fmt(r.get('compute_fraction'), '{:.3f}')} | {fmt(r.get('speedup'), '{:.2f}x')} "
+                       f"| {fmt(r.get('psnr_vs_uncached'), '{:.2f}')} | {fmt(r.get('ssim_vs_uncached'), '{:.4f}')} "
+                       f"| {fmt(r.get('fid'), '{:.2f}')} | {fmt(r.get('class_accuracy'), '{:.3f}')} | {r['status']} |")
+        out.append("")
+    return "\n".join(out)
