@@ -99,3 +99,10 @@ def test_table_groups_rows_by_level():
     assert list(groups.values()) == [[NONE, "a"], [NONE, "b"], [NONE, "c"], ["d", "e"]]
     text = peers_table(rows)
     assert text.index("~50%") < text.index("`none`") < text.index("`a`") < text.index("~33%") < text.index("`b`") < text.index("`e`")
+
+
+def test_cachedit_static_mask_skips_all_but_the_first_block(base, loaded):
+    pytest.importorskip("cache_dit")
+    # 3 blocks, Fn = 1: block 0 always runs; the other two only at the masked-in steps 0, 2, 4 of 6
+    result = run("cache-dit:dbcache:mask=2,steps=6", base, loaded)
+    assert result.fraction == pytest.approx(1 / 3 + 2 / 3 * 0.5)

@@ -17,7 +17,6 @@ stateful hooks read (``cache_context`` in a pipeline). Names and options:
 
 from __future__ import annotations
 
-from ..registry import parse_spec  # noqa: F401  (spec syntax shared with the rest of the CLI)
 from .peers import NotApplicable, System
 
 _BLOCK_SITES = [r"transformer_blocks\.\d+\.attn1", r"transformer_blocks\.\d+\.ff"]
