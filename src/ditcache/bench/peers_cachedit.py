@@ -31,6 +31,15 @@ class CacheDit(System):
         self._refresh(info.num_steps)
 
 
+def _quiet() -> None:
+    """cache-dit logs every context refresh to stdout at WARNING, which would break ``--json``: errors only."""
+    import logging
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.lower().startswith("cache_dit"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def cachedit_system(transformer, spec: str) -> CacheDit:
     try:
         import cache_dit
@@ -38,6 +47,7 @@ def cachedit_system(transformer, spec: str) -> CacheDit:
         from cache_dit.caching.patch_functors import DiTPatchFunctor
     except ImportError as err:
         raise NotApplicable(f"cache-dit is not installed ({err}); pip install --no-deps cache-dit") from None
+    _quiet()
     name, _, rest = spec.partition(":")
     if name != "dbcache":
         raise ValueError(f"unknown cache-dit cache {name!r}; choose dbcache")
