@@ -29,3 +29,20 @@ def test_bench_reports_both_models_with_exact_compute_fractions(tmp_path, capsys
         for r in rows.values():
             assert r["macs_bound"] == pytest.approx(1 / r["macs_ratio"])
     assert out["large"]["batch"] == 2  # one conditional + one unconditional sample
+
+
+def test_bench_peers_runs_every_system_from_one_flag(tmp_path, capsys):
+    model = str(save_model(tiny_dit(depth=2, size=12, channels=1, classes=4), tmp_path / "tiny.safetensors"))
+    code = main(["bench", "--peers", "--model", model, "--steps", "6", "--num-samples", "2", "--batch-size", "2",
+                 "--repeats", "1", "--timing-samples", "1", "--no-fid", "--json",
+                 "--cache", "rule:preset=rm-50+forecast", "--cache", "diffusers:taylorseer:interval=2,warmup=1",
+                 "--cache", "diffusers:magcache"])
+    assert code == 0
+    rows = {r["spec"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert list(rows) == ["none", "rule:preset=rm-50+forecast", "diffusers:taylorseer:interval=2,warmup=1",
+                          "diffusers:magcache"]
+    assert rows["none"]["speedup"] == 1.0
+    # 6 steps: rm-50 reuses 1, 3, 5; TaylorSeer with warmup 1 and N = 2 computes 0, 2, 4
+    assert rows["rule:preset=rm-50+forecast"]["compute_fraction"] == 0.5
+    assert rows["diffusers:taylorseer:interval=2,warmup=1"]["compute_fraction"] == 0.5
+    assert rows["diffusers:magcache"]["status"].startswith("not run")

@@ -38,9 +38,32 @@ def add_parser(sub) -> None:
                         + ", ".join(PIPELINE_SPECS))
     p.add_argument("--pipeline-steps", type=int, default=4, help="pipeline steps (default: 4)")
     p.add_argument("--pipeline-depth", type=int, default=28, help="transformer blocks (default: 28)")
+    p.add_argument("--peers", action="store_true",
+                   help="instead: ditcache against diffusers' cache hooks and cache-dit on --model converted to a "
+                        "diffusers DiTTransformer2DModel, from identical noise (see bench/peers.py); --cache adds "
+                        "rows (ditcache specs, diffusers:NAME:k=v, cache-dit:dbcache:k=v)")
+    p.add_argument("--num-samples", type=int, default=200, help="--peers: samples per system (default: 200)")
+    p.add_argument("--timing-samples", type=int, default=8, help="--peers: samples per timed run (default: 8)")
+    p.add_argument("--no-fid", action="store_true", help="--peers: skip FID")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
+
+
+def run_peers(args) -> int:
+    from ..bench.peers import DEFAULT_PEER_SPECS, PeersOptions, compare_peers, peers_table
+
+    loaded = load_model(args.model, device="cpu")
+    config = SampleConfig(num_samples=args.num_samples, batch_size=args.batch_size, steps=args.steps, cfg_scale=1.5)
+    options = PeersOptions(fid=not args.no_fid, timing_samples=args.timing_samples, repeats=args.repeats,
+                           progress=not args.json)
+    rows = compare_peers(loaded, config, tuple(args.cache or DEFAULT_PEER_SPECS), options)
+    if args.json:
+        print_json({"threads": torch.get_num_threads(), "model": loaded.name, "steps": args.steps,
+                    "num_samples": args.num_samples, "rows": rows})
+    else:
+        print(peers_table(rows))
+    return 0
 
 
 def run_pipeline(args) -> int:
@@ -61,6 +84,8 @@ def run_pipeline(args) -> int:
 
 
 def run(args) -> int:
+    if args.peers:
+        return run_peers(args)
     if args.pipeline:
         return run_pipeline(args)
     specs = tuple(args.cache or DEFAULT_SPECS)

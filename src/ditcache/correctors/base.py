@@ -42,7 +42,7 @@ class Corrector:
 
 
 def _load_correctors() -> None:
-    for module in ("eoc", "goc"):
+    for module in ("eoc", "goc", "forecast"):
         try:
             __import__(f"{__package__}.{module}")
         except ModuleNotFoundError as err:

@@ -1,0 +1,108 @@
+"""bench --peers: one DDIM loop on the diffusers copy of our model for every system, an external call
+counter that agrees with the engine's, peers that fail or are missing as rows, not crashes."""
+
+import sys
+
+import pytest
+
+from ditcache.bench.peers import (NONE, NotApplicable, build_system, compare_peers, diffusers_model, group, level,
+                                  peers_table, run_system, PeersOptions)
+from ditcache.models.loading import LoadedModel, fingerprint
+from ditcache.sampling.generate import SampleConfig, generate
+
+from ..conftest import tiny_dit
+
+CONFIG = SampleConfig(num_samples=2, batch_size=2, steps=6, cfg_scale=1.5, seed=1)
+QUICK = PeersOptions(fid=False, repeats=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    module = tiny_dit(size=12)  # 12 x 12 images: SSIM needs at least 11 x 11
+    return LoadedModel(module=module, family="dit", name="tiny", image_size=12, latent_size=12, in_channels=4,
+                       num_classes=5, null_class=5, learn_sigma=True, guided_channels=None, vae=None,
+                       fingerprint=fingerprint(module))
+
+
+@pytest.fixture(scope="module")
+def base(loaded):
+    return diffusers_model(loaded)
+
+
+def run(spec, base, loaded, config=CONFIG):
+    return run_system(build_system(spec, base, loaded), loaded, config)
+
+
+def test_uncached_loop_on_the_diffusers_copy_reproduces_our_sampler(base, loaded):
+    ours = generate(loaded, CONFIG).images
+    theirs = run(NONE, base, loaded)
+    assert theirs.fraction == 1.0
+    # the two models differ only in float rounding (split qkv, per-block embedders): at most one level
+    assert abs(ours.astype(int) - theirs.images.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("spec", ["rule:preset=rm-50", "fora:interval=3+forecast",
+                                  "toca:interval=2,ratio=0.5+forecast:order=1"])
+def test_counted_fraction_equals_the_engines_own_count(spec, base, loaded):
+    """The forward-hook count knows nothing of the engine, yet agrees with its counters, partial
+    (token-wise) steps included."""
+    result = run(spec, base, loaded)
+    assert result.fraction < 1.0
+    assert result.fraction == pytest.approx(result.report["compute_fraction"], abs=1e-12)
+
+
+def test_diffusers_taylorseer_runs_at_the_fraction_its_interval_gives(base, loaded):
+    pytest.importorskip("diffusers.hooks")
+    # warmup 1, interval 2 over 6 steps: steps 0, 2, 4 computed
+    result = run("diffusers:taylorseer:interval=2,order=2,warmup=1", base, loaded)
+    assert result.fraction == 0.5
+
+
+def test_missing_package_and_failing_peer_are_rows(base, loaded, monkeypatch):
+    monkeypatch.setitem(sys.modules, "cache_dit", None)  # import cache_dit now raises ImportError
+    with pytest.raises(NotApplicable, match="cache-dit is not installed"):
+        build_system("cache-dit:dbcache:threshold=0.1", base, loaded)
+    rows = compare_peers(loaded, CONFIG, ["cache-dit:dbcache:threshold=0.1", "diffusers:magcache",
+                                          "rule:preset=rm-50+forecast"], QUICK)
+    status = {r["spec"]: r["status"] for r in rows}
+    assert status["cache-dit:dbcache:threshold=0.1"].startswith("not run: cache-dit is not installed")
+    assert status["diffusers:magcache"].startswith("not run: MagCache needs mag_ratios")
+    assert status["rule:preset=rm-50+forecast"] == "ok" and status[NONE] == "ok"
+    assert "not run" in peers_table(rows)
+
+
+def test_a_peer_that_breaks_at_run_time_is_a_row(base, loaded):
+    pytest.importorskip("diffusers.hooks")
+    rows = compare_peers(loaded, CONFIG, ["diffusers:fastercache"], QUICK)
+    assert rows[1]["status"].startswith("failed on this model")
+
+
+def test_bad_specs_fail_before_sampling(base, loaded):
+    with pytest.raises(ValueError, match="unknown diffusers cache"):
+        build_system("diffusers:nocache", base, loaded)
+    with pytest.raises(ValueError, match="key=value"):
+        build_system("diffusers:taylorseer:interval", base, loaded)
+    with pytest.raises(ValueError):
+        compare_peers(loaded, CONFIG, ["nosuchpolicy"], QUICK)
+
+
+def test_levels():
+    assert [level(f) for f in (0.55, 0.5, 0.35, 0.3, 0.28, 0.25)] == [0.5, 0.5, 1 / 3, 1 / 3, 0.25, 0.25]
+
+
+def test_table_groups_rows_by_level():
+    rows = [{"spec": NONE, "status": "ok", "compute_fraction": 1.0},
+            {"spec": "a", "status": "ok", "compute_fraction": 0.55}, {"spec": "b", "status": "ok", "compute_fraction": 0.35},
+            {"spec": "c", "status": "ok", "compute_fraction": 0.25}, {"spec": "d", "status": "ok", "compute_fraction": 0.82},
+            {"spec": "e", "status": "not run: x"}]
+    groups = {title: [r["spec"] for r in members] for title, members in group(rows)}
+    assert list(groups.values()) == [[NONE, "a"], [NONE, "b"], [NONE, "c"], ["d", "e"]]
+    text = peers_table(rows)
+    assert text.index("~50%") < text.index("`none`") < text.index("`a`") < text.index("~33%") < text.index("`b`") < text.index("`e`")
+
+
+def test_cachedit_static_mask_skips_all_but_the_first_block(base, loaded):
+    pytest.importorskip("cache_dit")
+    # 3 blocks, Fn = 1: block 0 always runs; the other two only at the masked-in steps 0, 2, 4 of 6
+    result = run("cache-dit:dbcache:mask=2,steps=6", base, loaded)
+    assert result.fraction == pytest.approx(1 / 3 + 2 / 3 * 0.5)
