@@ -340,6 +340,7 @@ def test_the_finite_watch_notes_only_features_a_corrector_changed(dit):
         engine.finite_watch.clear = lambda: None  # keep every step's notes
         trajectory(dit, engine, steps=4)
         noted.append(len(engine.finite_watch.flags))
+        reused = int(engine.policy.schedule().cached.sum())
         engine.remove()
     # the identity corrector hands every reused feature back: no sum to take; a changed one is noted
-    assert noted == [0, dit.depth * 2 * 2]  # 2 reuse steps x depth x 2 branches
+    assert reused > 0 and noted == [0, reused]
