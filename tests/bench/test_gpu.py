@@ -41,3 +41,23 @@ def test_without_cuda_the_gpu_preset_fails_with_one_line(capsys):
     assert main(["bench", "--preset", "gpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and NEEDS_CUDA in err
+
+
+def test_a_mode_that_fails_is_left_out_and_named(monkeypatch, capsys):
+    import ditcache.bench.gpu as gpu
+
+    real = gpu.mode_runner
+
+    def runner(loaded, config, spec, mode, device, backend="inductor"):
+        if mode == "graphs":
+            def fail():
+                raise RuntimeError("no capture here")
+            return fail
+        return real(loaded, config, spec, mode, device, backend)
+
+    monkeypatch.setattr(gpu, "mode_runner", runner)
+    config = SampleConfig(num_samples=1, batch_size=1, steps=2, cfg_scale=1.5)
+    rows = gpu.time_modes(tiny_loaded(), config, ("bare",), MODES, repeats=1, device="cpu", backend="eager",
+                          progress=False)
+    assert [mode for mode, _, _ in rows] == ["eager", "compiled"]
+    assert "graphs bare failed, left out of the table: RuntimeError: no capture here" in capsys.readouterr().out
