@@ -165,3 +165,17 @@ def test_memory_counts_the_prior(tmp_path):
     assert eoc.memory_bytes() == 0
     eoc.reset(run_for())
     assert eoc.memory_bytes() == 2 * 5 * 2 * 2 * 4  # two branches of (5, 1, 2, 1, 2) float32
+
+
+def test_the_trend_factor_is_made_once_and_counted(tmp_path):
+    eoc = EocCorrector(EocConfig(prior=hand_prior(tmp_path), gamma=0.5, max_step=4))
+    eoc.reset(run_for())
+    prior_bytes = eoc.memory_bytes()
+    cached = torch.tensor([[10.0, 10.0], [20.0, 20.0], [30.0, 30.0], [40.0, 40.0]]).view(4, 1, 2)  # (2B, N, C)
+    eoc.observe(StepInfo(0, 5), A0, Kind.COMPUTE, cached)
+    first = eoc.correct(StepInfo(1, 5), A0, cached)
+    assert eoc.memory_bytes() == prior_bytes + 2 * 1 * 2 * 4  # one (H, N, C) float32 factor
+    eoc.reset(run_for())  # a later run (or batch) finds it made
+    eoc.observe(StepInfo(0, 5), A0, Kind.COMPUTE, cached)
+    assert torch.equal(eoc.correct(StepInfo(1, 5), A0, cached), first)
+    assert eoc.memory_bytes() == prior_bytes + 2 * 1 * 2 * 4

@@ -262,3 +262,17 @@ def test_both_with_a_dynamic_policy_is_a_clear_error(loaded):
         assert len(run_steps(loaded, engine)) == STEPS
     with pytest.raises(ValueError, match="branches"):
         parse_spec(CORRECTORS, "goc:branches=attn")
+
+
+def test_extrapolation_is_bit_identical_to_the_formula_and_leaves_the_queue_alone():
+    w = 1.2
+    goc = GocCorrector(GocConfig(w=w, branches="each"))
+    goc.reset(run_for(dataclasses.replace(KEY, steps=8)))
+    g = torch.Generator().manual_seed(0)
+    q1, q0 = torch.randn(4, 16, 32, generator=g), torch.randn(4, 16, 32, generator=g) * 1e3
+    call([goc], 0, A0, COMPUTE, q1)
+    call([goc], 1, A0, COMPUTE, q0)
+    keep1, keep0 = q1.clone(), q0.clone()
+    out = goc.correct(StepInfo(2, 8, 0), A0, q0)
+    assert torch.equal(out, q0 + w * (q0 - q1))  # the paper's expression, evaluated plainly
+    assert torch.equal(q1, keep1) and torch.equal(q0, keep0) and out is not q0

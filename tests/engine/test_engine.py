@@ -324,3 +324,23 @@ def test_time_inside_correctors_is_reported(dit):
     assert slow.corrects > 0 and slow.observes == STEPS * dit.depth * 2
     # sleep() lasts at least as long as asked, and the timed calls are part of the whole run
     assert 0.002 * slow.corrects + 0.001 * slow.observes <= spent <= total
+
+
+class _Scale(Corrector):
+    name = "scale"
+
+    def correct(self, step, site, cached):
+        return cached * 1.0
+
+
+def test_the_finite_watch_notes_only_features_a_corrector_changed(dit):
+    noted = []
+    for correctors in ([Corrector()], [_Scale()]):
+        engine = CacheEngine(dit, make_policy("fora", interval=2), correctors).install()
+        engine.finite_watch.clear = lambda: None  # keep every step's notes
+        trajectory(dit, engine, steps=4)
+        noted.append(len(engine.finite_watch.flags))
+        reused = int(engine.policy.schedule().cached.sum())
+        engine.remove()
+    # the identity corrector hands every reused feature back: no sum to take; a changed one is noted
+    assert reused > 0 and noted == [0, reused]

@@ -45,7 +45,16 @@ def add_parser(sub) -> None:
     p.add_argument("--num-samples", type=int, default=200, help="--peers: samples per system (default: 200)")
     p.add_argument("--timing-samples", type=int, default=8, help="--peers: samples per timed run (default: 8)")
     p.add_argument("--no-fid", action="store_true", help="--peers: skip FID")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default=None, help="cpu (default) or cuda; --preset gpu defaults to cuda")
+    p.add_argument("--preset", choices=["gpu"], default=None,
+                   help="gpu: the --xl model (random weights, --xl-steps DDIM steps) at model batches 2/16/64 in "
+                        "float32 and bfloat16 autocast, each cache eager, torch.compile'd and CUDA-graph-captured "
+                        "(reduce-overhead), interleaved; prints a markdown table for docs/results.md")
+    p.add_argument("--batches", default="2,16,64", help="--preset gpu: model batches, both CFG halves (default 2,16,64)")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="--preset gpu: dtypes (default float32,bfloat16)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="--preset gpu: torch.compile backend (inductor; eager or aot_eager to check the path quickly)")
+    p.add_argument("--out", default=None, help="--preset gpu: also write the markdown table to this file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 
@@ -83,7 +92,35 @@ def run_pipeline(args) -> int:
     return 0
 
 
+def run_gpu(args) -> int:
+    from ..bench.gpu import GPU_SPECS, gpu_table, run_gpu_preset
+
+    specs = tuple(args.cache or GPU_SPECS)
+    if specs[0] != BARE:
+        specs = (BARE,) + tuple(s for s in specs if s != BARE)
+    rows = run_gpu_preset(args.xl, args.xl_steps, tuple(int(b) for b in args.batches.split(",")),
+                          tuple(args.dtypes.split(",")), specs, repeats=args.repeats, device=args.device,
+                          backend=args.compile_backend, progress=not args.json, log=None if args.json else print)
+    table = gpu_table(rows, args.repeats)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table + "\n")
+    if args.json:
+        print_json({"device": args.device, "model": args.xl, "steps": args.xl_steps,
+                    "rows": [{"batch": g.batch, "dtype": g.dtype, "mode": g.mode, "max_diff": g.max_diff,
+                              **g.row.as_dict()} for g in rows]})
+    else:
+        print(table)
+    return 0
+
+
 def run(args) -> int:
+    from ..bench.gpu import check_device
+
+    args.device = args.device or ("cuda" if args.preset == "gpu" else "cpu")
+    check_device(args.device)  # one line, before any model is built
+    if args.preset == "gpu":
+        return run_gpu(args)
     if args.peers:
         return run_peers(args)
     if args.pipeline:

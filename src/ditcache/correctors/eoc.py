@@ -77,15 +77,25 @@ class PlanEntry:
     branches: tuple[str, ...]  # the branches EOC corrects here (empty when not optimised)
 
 
-def apply_trend(cached: torch.Tensor, trend: torch.Tensor, gamma: float, mode: str) -> torch.Tensor:
-    """Eq. 7 on a batch [cond B; uncond B]: cached (H*B, N, C), trend (H, N, C) -> (H*B, N, C)."""
-    halves, rows = trend.shape[0], cached.shape[0]
+def trend_factor(trend: torch.Tensor, gamma: float, mode: str) -> torch.Tensor:
+    """What eq. 7 applies to the cached feature: 1 + gamma T ("mul") or gamma T ("add"), (H, N, C)."""
+    return 1 + gamma * trend if mode == "mul" else gamma * trend  # (H, N, C)
+
+
+def apply_factor(cached: torch.Tensor, factor: torch.Tensor, mode: str) -> torch.Tensor:
+    """cached (H*B, N, C) times (mul) or plus (add) a ``trend_factor`` (H, N, C), per CFG half."""
+    halves, rows = factor.shape[0], cached.shape[0]
     if rows % halves:
         raise ValueError(f"a batch of {rows} rows does not split into the prior's {halves} CFG halves")
     x = cached.reshape(halves, rows // halves, *cached.shape[1:]).float()  # (H, B, N, C)
-    t = trend.to(x.device).unsqueeze(1)  # (H, 1, N, C)
-    out = x * (1 + gamma * t) if mode == "mul" else x + gamma * t  # (H, B, N, C)
+    f = factor.to(x.device).unsqueeze(1)  # (H, 1, N, C)
+    out = x * f if mode == "mul" else x + f  # (H, B, N, C): one new tensor
     return out.reshape(cached.shape).to(cached.dtype)  # (H*B, N, C)
+
+
+def apply_trend(cached: torch.Tensor, trend: torch.Tensor, gamma: float, mode: str) -> torch.Tensor:
+    """Eq. 7 on a batch [cond B; uncond B]: cached (H*B, N, C), trend (H, N, C) -> (H*B, N, C)."""
+    return apply_factor(cached, trend_factor(trend.to(cached.device), gamma, mode), mode)
 
 
 class EocCorrector(Corrector):
@@ -116,6 +126,7 @@ class EocCorrector(Corrector):
         # prior only, so they outlive a run and later batches skip the device syncs
         self._errors: dict[tuple, float] = {}
         self._decisions: dict[tuple, tuple[float, bool]] = {}
+        self._factors: dict[tuple, torch.Tensor] = {}  # (branch, block, t, s) -> trend_factor, (H, N, C)
 
     # -- the corrector protocol ---------------------------------------------------------------
     def reset(self, run: RunInfo) -> None:
@@ -140,8 +151,15 @@ class EocCorrector(Corrector):
             return cached
         if self.prior.means["attn"].device != cached.device:
             self.prior.to(cached.device)
-        trend = self.prior.trend(site.branch.value, site.block, step.index, since[site.branch])  # (H, N, C)
-        return apply_trend(cached, trend, self.gamma(site, step.index), self.config.mode)
+            self._factors.clear()  # made on the old device
+        key = (site.branch.value, site.block, step.index, since[site.branch])
+        factor = self._factors.get(key)
+        if factor is None:
+            # I keep 1 + gamma T per (site, step, since): it depends on the prior only, and later
+            # batches and runs then spend one element-wise pass, the product itself, per correction
+            factor = trend_factor(self.prior.trend(*key), self.gamma(site, step.index), self.config.mode)  # (H, N, C)
+            self._factors[key] = factor
+        return apply_factor(cached, factor, self.config.mode)
 
     def gamma(self, site: Site, step: int) -> float:
         """The weight used at a site and step: the config's, or the fitted one."""
@@ -150,8 +168,9 @@ class EocCorrector(Corrector):
         return float(self._gamma[BRANCHES.index(site.branch), step, site.block])
 
     def memory_bytes(self) -> int:
-        """The prior means this corrector holds (on the features' device once sampling started)."""
-        return self.prior.nbytes if self.prior is not None else 0
+        """The prior means and the trend factors this corrector holds (on the features' device)."""
+        factors = sum(f.numel() * f.element_size() for f in self._factors.values())
+        return (self.prior.nbytes if self.prior is not None else 0) + factors
 
     # -- cache optimization determination (eq. 6) ---------------------------------------------
     def plan(self, schedule) -> list[PlanEntry]:
@@ -236,4 +255,4 @@ def _eoc(config: EocConfig) -> EocCorrector:
     return EocCorrector(config)
 
 
-__all__ = ["EocConfig", "EocCorrector", "PlanEntry", "apply_trend", "eoc_plan", "plan_text"]
+__all__ = ["EocConfig", "EocCorrector", "PlanEntry", "apply_factor", "apply_trend", "trend_factor", "eoc_plan", "plan_text"]

@@ -176,8 +176,9 @@ class CacheEngine:
                 if self.correctors:
                     start = time.perf_counter()
                     for corrector in self.correctors:
-                        out = corrector.correct(step, site, out)
-                        self.finite_watch.note(site, corrector.name, out)
+                        given, out = out, corrector.correct(step, site, out)
+                        if out is not given:  # a feature handed back unchanged cannot have turned non-finite
+                            self.finite_watch.note(site, corrector.name, out)
                     self.corrector_seconds += time.perf_counter() - start
                 tokens_run = 0
             else:
