@@ -38,11 +38,17 @@ def heldout_rows(loaded, config, seed: int, chosen: dict, best_preset: Optional[
     report = []
     for row in rows[1:]:
         t = tuning[row["spec"]]
-        report.append({"spec": row["spec"], "role": "chosen" if row["spec"] == chosen["spec"] else "best preset",
+        report.append({"spec": row["spec"], "role": _role(row["spec"], chosen, best_preset),
                        "tuning_psnr": t["psnr_vs_uncached"], "tuning_speedup": timing.get(row["spec"], {}).get("speedup"),
                        **{f"heldout_{k}": row.get(k) for k in HELDOUT_KEYS if k != "spec"},
                        "heldout_samples": held.num_samples})
     return report
+
+
+def _role(spec: str, chosen: dict, best_preset: Optional[dict]) -> str:
+    if spec != chosen["spec"]:
+        return "best preset"
+    return "chosen=preset" if best_preset and best_preset["spec"] == spec else "chosen"
 
 
 def save_tuned(loaded, config, path: Path, spec: str, result: dict) -> Path:
@@ -80,17 +86,21 @@ def plot_front(entries: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    finite = [e["psnr_vs_uncached"] for e in entries if np.isfinite(e["psnr_vs_uncached"])]
+    cap = max(finite, default=0.0) + 5  # identical images (PSNR inf) are drawn here, labelled
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, key, label in ((axes[0], "speedup", "measured speed-up (median of interleaved repeats)"),
                            (axes[1], "macs", "1 / MACs ratio")):
         pts = [(e["speedup"] if key == "speedup" else 1 / e["macs_ratio"], e) for e in entries
-               if (e["speedup"] is not None or key == "macs") and np.isfinite(e["psnr_vs_uncached"])]
+               if (e["speedup"] is not None or key == "macs") and not np.isnan(e["psnr_vs_uncached"])]
         for x, e in pts:
+            y = min(e["psnr_vs_uncached"], cap)
             style = dict(marker="*", s=160, c="red", zorder=3) if e["chosen"] else \
                 dict(marker="o", s=22, c="tab:blue" if e["pareto"] else "lightgray")
-            ax.scatter(x, e["psnr_vs_uncached"], **style)
+            ax.scatter(x, y, **style)
             if e["chosen"] or (e["pareto"] and "steps=" not in e["spec"]):
-                ax.annotate(e["spec"], (x, e["psnr_vs_uncached"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+                name = e["spec"] + (" (identical: inf dB)" if y == cap else "")
+                ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel(label)
         ax.set_ylabel("PSNR to uncached (dB), tuning set")
         ax.grid(alpha=0.3)

@@ -129,6 +129,8 @@ class Evaluator:
         row = compare(self.loaded, self.config, [spec], self.folder,
                       CompareOptions(classifier=False, device=o.device, progress=False, repeats=0))[-1]
         row = {k: row[k] for k in ("spec", "compute_fraction", "macs_ratio", "psnr_vs_uncached", "ssim_vs_uncached")}
+        if row["psnr_vs_uncached"] is None:  # identical images: inf, which a saved row holds as null
+            row["psnr_vs_uncached"] = math.inf
         self.rows[spec] = row
         if o.progress:
             print(f"[{len(self.rows)}] {spec}: PSNR {row['psnr_vs_uncached']:.2f} dB, compute "
