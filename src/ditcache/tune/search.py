@@ -15,8 +15,9 @@ What it does, in order, and why:
    share of the time caching cannot remove (sampler maths, VAE, engine), so S is reachable only
    when 1/S > a. The MACs ratio fixes k, the number of reused steps.
 4. **Local search over step sets.** Starting points: the proxy-greedy k-step set and every
-   static preset trimmed to k steps (dropping its most expensive reuses by the proxy). The corrector
-   (none or GOC) is chosen once, on the greedy start. Then hill climbing: the ``beam`` swaps (one
+   static preset trimmed to k steps (dropping its most expensive reuses by the proxy), all sampled.
+   The corrector (none or GOC) is chosen once, on the greedy start. Then hill climbing from the best
+   start: the ``beam`` swaps (one
    reused step for one computed step, same compute) of lowest proxy cost are sampled; the best is
    kept if it raises PSNR, and the search stops when an iteration does not (or at the budget).
    With ``--min-psnr`` the same climb runs for k = 1, 2, ... and stops at the first k whose best
@@ -242,8 +243,11 @@ def search(evaluate, num_steps: int, changes: list[float], need_macs: float, opt
         suffix = GOC if goc["psnr_vs_uncached"] > plain["psnr_vs_uncached"] else ""
         starts = {start} | {trim(s, k, changes) for p in PRESET_SPECS if (s := preset_steps(p, num_steps))
                             and len(s) >= k}
-        for s in sorted(starts, key=lambda s: (proxy_cost(s, changes), s)):
-            climb(evaluate, s, suffix, changes, options.beam)
+        # every start is sampled, and the climb goes on from the best one only: a climb costs beam
+        # samples per iteration, and a start that loses to another rarely overtakes it
+        tried = [evaluate(steps_spec(s, suffix)) for s in sorted(starts, key=lambda s: (proxy_cost(s, changes), s))]
+        best = max(tried, key=lambda r: r["psnr_vs_uncached"])
+        climb(evaluate, _steps_of(best["spec"]), suffix, changes, options.beam)
     except BudgetSpent as err:
         notes.append(f"search stopped early: {err}")
     return notes
