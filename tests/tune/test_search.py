@@ -110,3 +110,22 @@ def test_preset_steps_match_the_policies():
 def test_bad_options_are_refused(kw, match):
     with pytest.raises(ValueError, match=match):
         options(**kw).check()
+
+
+def test_speed_targets_time_one_candidate_per_macs_level_within_the_margin():
+    rows = [{"spec": "rule:steps=1/3", "psnr_vs_uncached": 40.0, "compute_fraction": 0.5, "macs_ratio": 0.52},
+            {"spec": "rule:steps=1/4", "psnr_vs_uncached": 39.0, "compute_fraction": 0.5, "macs_ratio": 0.52},
+            {"spec": "fora:interval=3", "psnr_vs_uncached": 30.0, "compute_fraction": 0.4, "macs_ratio": 0.41},
+            {"spec": "rule:preset=rm-25", "psnr_vs_uncached": 50.0, "compute_fraction": 0.75, "macs_ratio": 0.76}]
+    specs = search_mod.timing_candidates(rows, 0.46, TuneOptions(target_speedup=2.0, timed=3))
+    assert specs == ["rule:steps=1/3", "fora:interval=3"]  # 0.52 is within 15% of 0.46; 0.76 is not
+    specs = search_mod.timing_candidates(rows, 0.46, TuneOptions(target_compute=0.46, timed=3))
+    assert specs == ["fora:interval=3"]  # a compute target has no margin
+
+
+def test_min_psnr_returns_a_configuration_above_the_floor(tmp_path, loaded):
+    result = tune(loaded, CONFIG, tmp_path / "t", options(target_compute=None, min_psnr=30.0))
+    rows = {e["spec"]: e for e in json.loads((tmp_path / "t" / "front-min_psnr30.json").read_text())}
+    chosen = rows[result["chosen"]]
+    assert chosen["psnr_vs_uncached"] is None or chosen["psnr_vs_uncached"] >= 30.0  # None: identical (inf)
+    assert chosen["compute_fraction"] < 1

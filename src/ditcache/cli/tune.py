@@ -80,11 +80,11 @@ def summary(result: dict) -> str:
         lines.append("no configuration found")
         return "\n".join(lines)
     lines.append(f"chosen: {result['chosen']}")
-    lines.append(f"{'role':<12}{'config':<36}{'tune PSNR':>10}{'tune x':>8}{'held PSNR':>10}{'held x':>8}{'MACs':>7}"
+    lines.append(f"{'role':<15}{'config':<36}{'tune PSNR':>10}{'tune x':>8}{'held PSNR':>10}{'held x':>8}{'MACs':>7}"
                  f"{'held FID':>10}")
     for r in result["heldout"]:
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-        lines.append(f"{r['role']:<12}{r['spec']:<36}{fmt(r['tuning_psnr'], '.2f'):>10}{fmt(r['tuning_speedup'], '.2f'):>8}"
+        lines.append(f"{r['role']:<15}{r['spec']:<36}{fmt(r['tuning_psnr'], '.2f'):>10}{fmt(r['tuning_speedup'], '.2f'):>8}"
                      f"{fmt(r['heldout_psnr_vs_uncached'], '.2f'):>10}{fmt(r['heldout_speedup'], '.2f'):>8}"
                      f"{fmt(r['heldout_macs_ratio'], '.3f'):>7}{fmt(r.get('heldout_fid'), '.2f'):>10}")
     lines.append(f"held-out: seed {result['heldout_seed']}, {result['heldout'][0]['heldout_samples']} images; "

@@ -22,8 +22,9 @@ What it does, in order, and why:
    kept if it raises PSNR, and the search stops when an iteration does not (or at the budget).
    With ``--min-psnr`` the same climb runs for k = 1, 2, ... and stops at the first k whose best
    set falls below the floor.
-5. **Measured choice.** The best few candidates meeting the requirement and the best preset are
-   timed with the uncached sampler in interleaved repeats (``bench``'s method); the chosen
+5. **Measured choice.** The best configuration of each MACs level meeting the requirement (for a
+   speed target: within 15% of the modelled MACs ratio), the few best of those and the best preset
+   are timed with the uncached sampler in interleaved repeats (``bench``'s method); the chosen
    configuration is the best PSNR whose *measured* speed-up meets the target (``timing.json``).
 6. **Held-out check.** The chosen configuration and the best preset are sampled again from other
    noise (``heldout_seed``) with ``compare`` (PSNR, optional FID with intervals, speed), so
@@ -60,7 +61,8 @@ PRESET_SPECS = ("fora:interval=2", "fora:interval=3", "fora:interval=4", "rule:p
                 "rule:preset=rm-75")
 TOKEN_SPECS = ("toca", "duca")
 SPEED_PROBE = "rule:preset=rm-50"
-HELDOUT_OFFSET = 1000  # held-out noise: seed + 1000 unless given
+HELDOUT_OFFSET = 1000
+SPEED_MARGIN = 0.15  # configurations up to 15% above the modelled MACs ratio are timed too  # held-out noise: seed + 1000 unless given
 
 
 class BudgetSpent(Exception):
@@ -241,16 +243,25 @@ def search(evaluate, num_steps: int, changes: list[float], need_macs: float, opt
         start = greedy_steps(k, changes)
         plain, goc = evaluate(steps_spec(start)), evaluate(steps_spec(start, GOC))
         suffix = GOC if goc["psnr_vs_uncached"] > plain["psnr_vs_uncached"] else ""
-        starts = {start} | {trim(s, k, changes) for p in PRESET_SPECS if (s := preset_steps(p, num_steps))
-                            and len(s) >= k}
-        # every start is sampled, and the climb goes on from the best one only: a climb costs beam
-        # samples per iteration, and a start that loses to another rarely overtakes it
-        tried = [evaluate(steps_spec(s, suffix)) for s in sorted(starts, key=lambda s: (proxy_cost(s, changes), s))]
-        best = max(tried, key=lambda r: r["psnr_vs_uncached"])
-        climb(evaluate, _steps_of(best["spec"]), suffix, changes, options.beam)
+        # a speed target's k comes from a timing model, so the sizes either side are searched too and
+        # the measurement at the end decides between them
+        sizes = [k] if options.target_speedup is None else [k, k - 1, k + 1]
+        for size in (n for n in sizes if 1 <= n < num_steps):
+            _climb_size(evaluate, size, num_steps, changes, suffix, options)
     except BudgetSpent as err:
         notes.append(f"search stopped early: {err}")
     return notes
+
+
+def _climb_size(evaluate, k: int, num_steps: int, changes: list[float], suffix: str, options: TuneOptions) -> dict:
+    """Sample the k-step starting points (greedy and trimmed presets) and climb from the best."""
+    starts = {greedy_steps(k, changes)} | {trim(s, k, changes) for p in PRESET_SPECS
+                                           if (s := preset_steps(p, num_steps)) and len(s) >= k}
+    # every start is sampled, and the climb goes on from the best one only: a climb costs beam
+    # samples per iteration, and a start that loses to another rarely overtakes it
+    tried = [evaluate(steps_spec(s, suffix)) for s in sorted(starts, key=lambda s: (proxy_cost(s, changes), s))]
+    best = max(tried, key=lambda r: r["psnr_vs_uncached"])
+    return climb(evaluate, _steps_of(best["spec"]), suffix, changes, options.beam)
 
 
 def _climb_down(evaluate, num_steps, changes, options) -> None:
@@ -269,6 +280,24 @@ def meets(row: dict, need_macs: float, options: TuneOptions) -> bool:
         return row["psnr_vs_uncached"] >= options.min_psnr
     key = "compute_fraction" if options.target_compute is not None else "macs_ratio"
     return row[key] <= need_macs + 1e-9
+
+
+def timing_candidates(rows: list[dict], need_macs: float, options: TuneOptions) -> list[str]:
+    """What is timed: the best row of each MACs level that meets the requirement (for a speed target,
+    within SPEED_MARGIN of the modelled MACs ratio, since the measurement decides), the ``timed``
+    best of those, and the best preset."""
+    margin = SPEED_MARGIN if options.target_speedup is not None else 0.0
+    ok = [r for r in rows if meets(r, need_macs * (1 + margin), options)]
+    if options.min_psnr is not None:
+        order = lambda r: (r["macs_ratio"], -r["psnr_vs_uncached"])  # noqa: E731
+    else:
+        order = lambda r: (-r["psnr_vs_uncached"], r["macs_ratio"])  # noqa: E731
+    levels: dict[float, dict] = {}
+    for r in sorted(ok, key=order):
+        levels.setdefault(round(r["macs_ratio"], 3), r)
+    best = sorted(levels.values(), key=order)[:options.timed]
+    presets = sorted((r for r in ok if "steps=" not in r["spec"]), key=order)[:1]
+    return list(dict.fromkeys(r["spec"] for r in best + presets))
 
 
 def pareto(rows: list[dict]) -> set[str]:
@@ -314,11 +343,7 @@ def tune(loaded, config: SampleConfig, out: str | Path, options: TuneOptions) ->
         evaluate = Evaluator(loaded, config, out / "tuning", options)
         notes = search(evaluate, config.steps, changes, need_macs, options)
         rows = list(evaluate.rows.values())
-        ok = sorted((r for r in rows if meets(r, need_macs, options)),
-                    key=lambda r: (r["macs_ratio"], -r["psnr_vs_uncached"]) if options.min_psnr is not None
-                    else (-r["psnr_vs_uncached"], r["macs_ratio"]))
-        presets = [r for r in ok if "steps=" not in r["spec"]]
-        candidates = list(dict.fromkeys([r["spec"] for r in ok[:options.timed]] + [r["spec"] for r in presets[:1]]))
+        candidates = timing_candidates(rows, need_macs, options)
         timing = _timing(loaded, config, ["none"] + candidates, out, f"timing-{_target_tag(options)}.json",
                          options) if candidates else {}
         chosen, warning = choose(rows, timing, options)
