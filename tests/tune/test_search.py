@@ -64,9 +64,9 @@ def test_heldout_numbers_come_from_other_noise(tmp_path, loaded):
     result = tune(loaded, CONFIG, tmp_path / "t", options(heldout_seed=77))
     assert result["heldout_seed"] == 77 and result["heldout"][0]["role"].startswith("chosen")
     with np.load(tmp_path / "t" / "tuning" / "none" / "samples.npz") as a, \
-            np.load(tmp_path / "t" / "heldout" / "none" / "samples.npz") as b:
+            np.load(tmp_path / "t" / "heldout-seed77-n4" / "none" / "samples.npz") as b:
         assert not np.array_equal(a["arr_0"], b["arr_0"])
-    settings = json.loads((tmp_path / "t" / "heldout" / "run.json").read_text())
+    settings = json.loads((tmp_path / "t" / "heldout-seed77-n4" / "run.json").read_text())
     assert settings["seed"] == 77
     with pytest.raises(ValueError, match="must differ"):
         tune(loaded, CONFIG, tmp_path / "u", options(heldout_seed=CONFIG.seed))

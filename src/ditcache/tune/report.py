@@ -30,7 +30,7 @@ def heldout_rows(loaded, config, seed: int, chosen: dict, best_preset: Optional[
     """The chosen configuration and the best preset on held-out noise (``compare``), beside their tuning numbers."""
     held = dataclasses.replace(config, seed=seed, num_samples=options.heldout_samples or config.num_samples)
     specs = list(dict.fromkeys([chosen["spec"]] + ([best_preset["spec"]] if best_preset else [])))
-    rows = compare(loaded, held, specs, out / "heldout",
+    rows = compare(loaded, held, specs, out / f"heldout-seed{seed}-n{held.num_samples}",
                    CompareOptions(fid=options.fid, reference=options.reference, reference_limit=options.reference_limit,
                                   classifier=False, device=options.device, progress=options.progress,
                                   repeats=options.repeats, bootstrap=options.bootstrap))
