@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..bench.compare import CompareOptions, compare
+from ..bench.compare import CompareOptions, compare, slug
 from ..engine import CacheEngine
 from ..outdir import claim
 from ..policies.fora import fora_schedule
@@ -126,7 +126,7 @@ class Evaluator:
         o = self.options
         if o.max_configs is not None and len(self.rows) >= o.max_configs:
             raise BudgetSpent(f"--max-configs {o.max_configs} reached")
-        saved = (self.folder / _slug(spec) / "row.json").is_file()
+        saved = (self.folder / slug(spec) / "row.json").is_file()
         if not saved and o.budget_minutes is not None and time.monotonic() - self.start > 60 * o.budget_minutes:
             raise BudgetSpent(f"--budget-minutes {o.budget_minutes:g} spent")
         row = compare(self.loaded, self.config, [spec], self.folder,
@@ -140,12 +140,6 @@ class Evaluator:
                   f"{row['compute_fraction']:.3f}, MACs {row['macs_ratio']:.3f}{' (resumed)' if saved else ''}",
                   flush=True)
         return row
-
-
-def _slug(spec: str) -> str:
-    from ..bench.compare import slug
-
-    return slug(spec)
 
 
 def preset_steps(spec: str, num_steps: int) -> Optional[tuple[int, ...]]:
