@@ -198,7 +198,7 @@ def describe_kept(out: Path) -> str:
         parts.append(f"a partial prior of {done} samples")
     if (out / "checkpoint.pt").is_file():
         parts.append("the last checkpoint")
-    rows = [p.parent.name for p in out.glob("*/row.json")]
+    rows = [p.parent.name for p in [*out.glob("*/row.json"), *out.glob("tuning/*/row.json")]]
     if rows:
         parts.append(f"{len(rows)} finished configuration(s)")
     for name in ("samples.npz", "manifest.json"):

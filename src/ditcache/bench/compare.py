@@ -53,7 +53,8 @@ def parse_cache(spec: str):
     parts = [p.strip() for p in spec.split("+")]
     if not parts[0]:
         raise ValueError(f"cache spec {spec!r} has no policy")
-    return parse_spec(POLICIES, parts[0]), [parse_spec(CORRECTORS, p) for p in parts[1:]]
+    policy = parse_spec(POLICIES, parts[0])
+    return policy, getattr(policy, "tuned_correctors", []) + [parse_spec(CORRECTORS, p) for p in parts[1:]]
 
 
 def slug(spec: str) -> str:

@@ -95,7 +95,7 @@ def sample_config(args) -> SampleConfig:
 def build_cache(policy_spec: str, corrector_specs=()):
     """(policy, [correctors]) from command-line specs."""
     policy = parse_spec(POLICIES, policy_spec)
-    correctors = [parse_spec(CORRECTORS, spec) for spec in corrector_specs]
+    correctors = getattr(policy, "tuned_correctors", []) + [parse_spec(CORRECTORS, spec) for spec in corrector_specs]
     return policy, correctors
 
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 # name of the module in ditcache.cli for each subcommand, in the order --help lists them
-SUBCOMMANDS = ["sample", "eval", "compare", "train", "calibrate", "train_router", "schedule", "bench"]
+SUBCOMMANDS = ["sample", "eval", "compare", "tune", "train", "calibrate", "train_router", "schedule", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

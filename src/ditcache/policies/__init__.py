@@ -8,7 +8,7 @@ __all__ = ["POLICIES", "Policy", "Schedule", "make_policy", "register_policy", "
 
 def load_all() -> None:
     """Import every built-in policy module so that it registers itself."""
-    from . import fora, rule  # noqa: F401
+    from . import fora, rule, tuned  # noqa: F401
     for optional in ("l2c", "toca", "duca"):
         try:
             __import__(f"{__name__}.{optional}")

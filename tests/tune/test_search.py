@@ -1,0 +1,131 @@
+"""`tune`'s search on a tiny model: meets the target, resumes to the same result, checks on other noise."""
+
+import json
+
+import numpy as np
+import pytest
+
+from ditcache.models.loading import load_model, save_model
+from ditcache.sampling.generate import SampleConfig
+from ditcache.tune import search as search_mod
+from ditcache.tune.search import Evaluator, TuneOptions, choose, pareto, preset_steps, required_macs, tune
+
+from ..conftest import tiny_dit
+
+CONFIG = SampleConfig(num_samples=4, batch_size=4, steps=6)
+
+
+@pytest.fixture
+def loaded(tmp_path):
+    return load_model(str(save_model(tiny_dit(depth=2, size=12, channels=1, classes=4), tmp_path / "tiny.safetensors")))
+
+
+def options(**kw):
+    return TuneOptions(**{"target_compute": 0.5, "repeats": 1, "beam": 2, "timed": 2, "token_presets": False,
+                          "progress": False, **kw})
+
+
+def test_search_meets_the_compute_target_and_beats_or_ties_the_presets(tmp_path, loaded):
+    result = tune(loaded, CONFIG, tmp_path / "t", options())
+    rows = {e["spec"]: e for e in json.loads((tmp_path / "t" / "front-target_compute0.5.json").read_text())}
+    chosen = rows[result["chosen"]]
+    assert chosen["chosen"] and chosen["compute_fraction"] <= 0.5
+    meeting = [r for r in rows.values() if r["compute_fraction"] <= 0.5 and r["psnr_vs_uncached"] is not None]
+    assert all((chosen["psnr_vs_uncached"] or np.inf) >= r["psnr_vs_uncached"] for r in meeting if r["speedup"] is not None)
+    assert any("steps=" in s for s in rows) and "rule:preset=rm-50+goc" in rows  # presets and the search
+    assert (tmp_path / "t" / "front-target_compute0.5.png").stat().st_size > 0
+
+
+def test_interrupted_search_resumes_to_the_same_result(tmp_path, loaded, monkeypatch):
+    whole = tune(loaded, CONFIG, tmp_path / "whole", options())
+    calls = {"n": 0}
+    real = Evaluator.__call__
+
+    def interrupted(self, spec):
+        if spec not in self.rows:
+            calls["n"] += 1
+            if calls["n"] == 7:
+                raise KeyboardInterrupt
+        return real(self, spec)
+
+    monkeypatch.setattr(Evaluator, "__call__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tune(loaded, CONFIG, tmp_path / "cut", options())
+    assert len(list((tmp_path / "cut" / "tuning").glob("*/row.json"))) == 1 + 6  # uncached + 6 finished
+    monkeypatch.setattr(Evaluator, "__call__", real)
+    resumed = tune(loaded, CONFIG, tmp_path / "cut", options())
+    assert resumed["chosen"] == whole["chosen"]
+    assert resumed["configs_evaluated"] == whole["configs_evaluated"]
+    front = lambda p: [(e["spec"], e["psnr_vs_uncached"]) for e in json.loads((p / "front-target_compute0.5.json").read_text())]  # noqa: E731
+    assert front(tmp_path / "cut") == front(tmp_path / "whole")
+
+
+def test_heldout_numbers_come_from_other_noise(tmp_path, loaded):
+    result = tune(loaded, CONFIG, tmp_path / "t", options(heldout_seed=77))
+    assert result["heldout_seed"] == 77 and result["heldout"][0]["role"].startswith("chosen")
+    with np.load(tmp_path / "t" / "tuning" / "none" / "samples.npz") as a, \
+            np.load(tmp_path / "t" / "heldout-seed77-n4" / "none" / "samples.npz") as b:
+        assert not np.array_equal(a["arr_0"], b["arr_0"])
+    settings = json.loads((tmp_path / "t" / "heldout-seed77-n4" / "run.json").read_text())
+    assert settings["seed"] == 77
+    with pytest.raises(ValueError, match="must differ"):
+        tune(loaded, CONFIG, tmp_path / "u", options(heldout_seed=CONFIG.seed))
+
+
+def test_budget_stops_the_search_and_says_so(tmp_path, loaded):
+    result = tune(loaded, CONFIG, tmp_path / "t", options(max_configs=3))
+    assert result["configs_evaluated"] == 3
+    assert any("--max-configs 3" in n for n in result["notes"])
+
+
+def test_speed_target_uses_the_measured_fixed_share(tmp_path, loaded, monkeypatch):
+    # uncached 1.0, rm-50 (MACs 0.5) measured 1.6x: time = a + (1 - a) m gives a = 0.25
+    fake = {"none": {"speedup": 1.0, "macs_ratio": 1.0}, "rule:preset=rm-50": {"speedup": 1.6, "macs_ratio": 0.5}}
+    monkeypatch.setattr(search_mod, "_timing", lambda *a, **k: fake)
+    need, a = required_macs(loaded, CONFIG, tmp_path, options(target_compute=None, target_speedup=2.0))
+    assert a == pytest.approx(0.25) and need == pytest.approx((0.5 - 0.25) / 0.75)
+    with pytest.raises(ValueError, match="out of reach.*at most 4.00x"):
+        required_macs(loaded, CONFIG, tmp_path, options(target_compute=None, target_speedup=5.0))
+
+
+def test_choice_is_by_measured_speed_not_macs():
+    rows = [{"spec": "a", "psnr_vs_uncached": 40.0, "compute_fraction": 0.5, "macs_ratio": 0.5},
+            {"spec": "b", "psnr_vs_uncached": 30.0, "compute_fraction": 0.5, "macs_ratio": 0.5}]
+    timing = {"a": {"speedup": 1.7}, "b": {"speedup": 2.1}}
+    chosen, warning = choose(rows, timing, TuneOptions(target_speedup=2.0))
+    assert chosen["spec"] == "b" and warning is None
+    chosen, warning = choose(rows, timing, TuneOptions(target_speedup=3.0))
+    assert chosen["spec"] == "b" and "no candidate reached 3x" in warning
+    assert pareto(rows) == {"a"}
+
+
+def test_preset_steps_match_the_policies():
+    assert preset_steps("rule:preset=rm-50", 6) == (1, 3, 5)
+    assert preset_steps("fora:interval=2", 6) == (2, 4)
+    assert preset_steps("toca", 6) is None
+
+
+@pytest.mark.parametrize("kw, match", [({"target_speedup": 2.0}, "exactly one"), ({"target_compute": 1.5}, "between"),
+                                       ({"beam": 0}, "beam")])
+def test_bad_options_are_refused(kw, match):
+    with pytest.raises(ValueError, match=match):
+        options(**kw).check()
+
+
+def test_speed_targets_time_one_candidate_per_macs_level_within_the_margin():
+    rows = [{"spec": "rule:steps=1/3", "psnr_vs_uncached": 40.0, "compute_fraction": 0.5, "macs_ratio": 0.52},
+            {"spec": "rule:steps=1/4", "psnr_vs_uncached": 39.0, "compute_fraction": 0.5, "macs_ratio": 0.52},
+            {"spec": "fora:interval=3", "psnr_vs_uncached": 30.0, "compute_fraction": 0.4, "macs_ratio": 0.41},
+            {"spec": "rule:preset=rm-25", "psnr_vs_uncached": 50.0, "compute_fraction": 0.75, "macs_ratio": 0.76}]
+    specs = search_mod.timing_candidates(rows, 0.46, TuneOptions(target_speedup=2.0, timed=3))
+    assert specs == ["rule:steps=1/3", "fora:interval=3"]  # 0.52 is within 15% of 0.46; 0.76 is not
+    specs = search_mod.timing_candidates(rows, 0.46, TuneOptions(target_compute=0.46, timed=3))
+    assert specs == ["fora:interval=3"]  # a compute target has no margin
+
+
+def test_min_psnr_returns_a_configuration_above_the_floor(tmp_path, loaded):
+    result = tune(loaded, CONFIG, tmp_path / "t", options(target_compute=None, min_psnr=30.0))
+    rows = {e["spec"]: e for e in json.loads((tmp_path / "t" / "front-min_psnr30.json").read_text())}
+    chosen = rows[result["chosen"]]
+    assert chosen["psnr_vs_uncached"] is None or chosen["psnr_vs_uncached"] >= 30.0  # None: identical (inf)
+    assert chosen["compute_fraction"] < 1
