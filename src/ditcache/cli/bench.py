@@ -59,6 +59,11 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def bare_first(specs) -> tuple:
+    """Every speed table starts with the bare model (nothing installed): speed-ups are against it."""
+    return (BARE,) + tuple(s for s in specs if s != BARE)
+
+
 def run_peers(args) -> int:
     from ..bench.peers import DEFAULT_PEER_SPECS, PeersOptions, compare_peers, peers_table
 
@@ -76,9 +81,7 @@ def run_peers(args) -> int:
 
 
 def run_pipeline(args) -> int:
-    specs = tuple(args.cache or PIPELINE_SPECS)
-    if specs[0] != BARE:
-        specs = (BARE,) + tuple(s for s in specs if s != BARE)
+    specs = bare_first(args.cache or PIPELINE_SPECS)
     if not args.json:
         print(f"{args.pipeline}-shaped pipeline, depth {args.pipeline_depth}, {args.pipeline_steps} DPM-Solver++ steps, "
               "batch 2 with guidance")
@@ -95,9 +98,7 @@ def run_pipeline(args) -> int:
 def run_gpu(args) -> int:
     from ..bench.gpu import GPU_SPECS, gpu_table, run_gpu_preset
 
-    specs = tuple(args.cache or GPU_SPECS)
-    if specs[0] != BARE:
-        specs = (BARE,) + tuple(s for s in specs if s != BARE)
+    specs = bare_first(args.cache or GPU_SPECS)
     rows = run_gpu_preset(args.xl, args.xl_steps, tuple(int(b) for b in args.batches.split(",")),
                           tuple(args.dtypes.split(",")), specs, repeats=args.repeats, device=args.device,
                           backend=args.compile_backend, progress=not args.json, log=None if args.json else print)
@@ -125,9 +126,7 @@ def run(args) -> int:
         return run_peers(args)
     if args.pipeline:
         return run_pipeline(args)
-    specs = tuple(args.cache or DEFAULT_SPECS)
-    if specs[0] != BARE:  # every table starts with the bare model: speed-ups are against it
-        specs = (BARE,) + tuple(s for s in specs if s != BARE)
+    specs = bare_first(args.cache or DEFAULT_SPECS)
     out = {"threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "device": args.device}
     jobs = []
     if args.xl != "skip":
