@@ -155,19 +155,29 @@ def test_reuse_cost_maps_and_ranks_a_router(model_file, tmp_path, capsys):
     router = tmp_path / "r"
     assert main(["train-router", "--model", model_file, "--steps", "6", "--data", "trajectories", "--trajectories",
                  "4", "--batch-size", "2", "--iterations", "2", "--out", str(router), "--no-progress"]) == 0
+    normal = tmp_path / "n"  # the paper's N(0, 1) start
+    assert main(["train-router", "--model", model_file, "--steps", "6", "--data", "trajectories", "--trajectories",
+                 "4", "--batch-size", "2", "--iterations", "2", "--init", "normal", "--seed", "1",
+                 "--out", str(normal), "--no-progress"]) == 0
     capsys.readouterr()
     cost = str(tmp_path / "cost")
     code, out, err = calibrate(capsys, "reuse-cost", "--model", model_file, "--steps", "6", "--trajectories", "3",
-                               "--out", cost, "--router", str(router / "router"), "--json")
+                               "--out", cost, "--router", str(router / "router"), "--router", str(normal / "router"),
+                               "--json")
     assert code == 0, err
     report = json.loads(out)
     assert report["cost"][0] is None and len(report["cost"][1]) == 4  # 2 blocks x (attn, mlp)
     rows = report["routers"][str(router / "router")]
-    assert [r["step"] for r in rows] == [1, 3, 5] and all(-1 <= r["spearman_init"] <= 1 for r in rows)
-    assert all(-1 <= r["spearman_context"] <= 1 for r in rows)
+    # the default (ranked) router starts with every logit at 0: no initial ranking to correlate with
+    assert [r["step"] for r in rows] == [1, 3, 5] and all(r["spearman_init"] is None for r in rows)
+    # after 2 sign-descent updates from 0 its logits may still all be equal; the normal start's are not
+    normal_rows = report["routers"][str(normal / "router")]
+    assert all(-1 <= r["spearman_init"] <= 1 and -1 <= r["spearman_context"] <= 1 for r in normal_rows)
+    agreement = report["agreement"][str(normal / "router")]
+    assert [r["step"] for r in agreement] == [1, 3, 5] and all(r["spearman_init"] is None for r in agreement)
     code, out, _ = calibrate(capsys, "reuse-cost", "--cost", cost, "--model", model_file, "--trajectories", "2",
-                             "--router", str(router / "router"), "--no-progress")
-    assert code == 0 and "vs cost  vs context  vs init" in out
+                             "--router", str(router / "router"), "--router", str(normal / "router"), "--no-progress")
+    assert code == 0 and "vs cost  vs context  vs init" in out and "step  logits  inits" in out
     code, _, err = calibrate(capsys, "reuse-cost", "--model", model_file, "--steps", "4", "--trajectories", "2",
                              "--out", str(tmp_path / "c4"), "--router", str(router / "router"))
     assert code == 2 and "steps" in err and len(err.strip().splitlines()) == 1

@@ -174,6 +174,27 @@ def ranking_report(logits: torch.Tensor, cost: torch.Tensor, init: Optional[torc
     return rows
 
 
+def agreement_report(logits_a: torch.Tensor, logits_b: torch.Tensor, init_a: Optional[torch.Tensor] = None,
+                     init_b: Optional[torch.Tensor] = None) -> list[dict]:
+    """Per cache step: Spearman of two routers' logits with each other, and of their initial logits.
+
+    Two routers trained from different random starts that learned the same thing agree with each
+    other (``spearman``) while their starts do not (``spearman_init``): the seed-invariance check of
+    "the ranking comes from the cost, not from the initialisation".
+    """
+    a, b = torch.as_tensor(logits_a).double().cpu(), torch.as_tensor(logits_b).double().cpu()
+    if a.shape != b.shape:
+        raise ValueError(f"routers of different shapes {tuple(a.shape)} and {tuple(b.shape)} cannot be compared")
+    rows = []
+    for s in cache_steps(a.shape[0]):
+        row = {"step": s, "spearman": spearman(a[s].numpy(), b[s].numpy())}
+        if init_a is not None and init_b is not None:
+            row["spearman_init"] = spearman(torch.as_tensor(init_a)[s].double().numpy(),
+                                            torch.as_tensor(init_b)[s].double().numpy())
+        rows.append(row)
+    return rows
+
+
 def router_logits(path) -> tuple[Artifact, torch.Tensor, torch.Tensor]:
     """(artifact, logits, initial logits) of an l2c-router artifact.
 
@@ -191,7 +212,8 @@ def router_logits(path) -> tuple[Artifact, torch.Tensor, torch.Tensor]:
         seed = artifact.meta.get("seed")
         if seed is None:
             raise ValueError(f"router {path} stores neither its initial logits nor the seed they came from")
-        init = Router(logits.shape[0], logits.shape[1] // 2, torch.Generator().manual_seed(int(seed))).stacked()
+        init = Router(logits.shape[0], logits.shape[1] // 2, torch.Generator().manual_seed(int(seed)),
+                      init=artifact.meta.get("init", "normal")).stacked()
     return artifact, logits, init
 
 

@@ -35,20 +35,31 @@ def sublayer_index(site: Site) -> int:
     return 2 * site.block + (0 if site.branch is Branch.ATTN else 1)
 
 
+INITS = ("normal", "constant")  # the authors' N(0, 1) draw, or every logit at 0 (β = 0.5: no ranking to keep)
+
+
 class Router(nn.Module):
-    """One logit vector (2·depth,) per sampling step, initialised from a standard normal (as the authors).
+    """One logit vector (2·depth,) per sampling step, drawn from a standard normal (``init="normal"``,
+    as the authors) or all 0 (``"constant"``: the router starts with no ranking, so whatever ranking
+    it ends with was learned).
 
     I keep one Parameter per step so that an optimiser skips steps that got no gradient (AdamW
     ignores parameters whose grad is None): only the cache steps are ever trained.
     """
 
-    def __init__(self, num_steps: int, depth: int, generator: Optional[torch.Generator] = None):
+    def __init__(self, num_steps: int, depth: int, generator: Optional[torch.Generator] = None,
+                 init: str = "normal"):
         super().__init__()
         if num_steps < 1 or depth < 1:
             raise ValueError(f"a router needs steps >= 1 and depth >= 1, got {num_steps} and {depth}")
+        if init not in INITS:
+            raise ValueError(f"unknown router init {init!r}; choose from {list(INITS)}")
         self.num_steps, self.depth = num_steps, depth
-        self.logits = nn.ParameterList(
-            [nn.Parameter(torch.randn(2 * depth, generator=generator)) for _ in range(num_steps)])
+
+        def start() -> torch.Tensor:  # (2·depth,)
+            return torch.randn(2 * depth, generator=generator) if init == "normal" else torch.zeros(2 * depth)
+
+        self.logits = nn.ParameterList([nn.Parameter(start()) for _ in range(num_steps)])
 
     @staticmethod
     def from_logits(logits: torch.Tensor) -> "Router":

@@ -49,7 +49,7 @@ from ..sampling.diffusion import GaussianDiffusion
 from ..sampling.loops import respaced_diffusion, sample
 from .artifact import Artifact, ArtifactKey, save_artifact
 from .optim import Signum
-from .router import Router, SubLayerBlend
+from .router import INITS, Router, SubLayerBlend
 
 DATA_MODES = ("images", "trajectories")
 PENALTIES = ("l1", "l2")  # λ·Σβ (the paper) or λ·Σβ²
@@ -77,7 +77,9 @@ class RouterConfig:
     only ~1/10 of the iterations reaching each router it never gets far. The fixes: λ·Σβ², whose
     fixed point for a sub-layer whose reuse costs c is β = c / (c + λ), i.e. logit = log(c / λ)
     (ordered by cost at every step, whatever the start); sign descent, which reaches it whatever
-    the gradient's scale; every cache step in every iteration; a decaying learning rate.
+    the gradient's scale; every cache step in every iteration; a decaying learning rate; and every
+    logit starting at 0, so the router has no initial ranking to keep (with N(0, 1) logits the
+    learned ranking is the cost's, which by chance correlates with a random start at some steps).
     """
 
     steps: int = 20  # DDIM steps the router is for
@@ -98,6 +100,7 @@ class RouterConfig:
     logit_bound: float = 10.0  # logits clamped to [-bound, bound] after every update (the paper: 5)
     optimizer: str = "sign"  # "adamw" (the paper, weight decay 0) or "sign": every logit moves by lr·sign(grad)
     lr_final: float = 0.05  # lr falls linearly to lr·lr_final at the last iteration (the paper: 1, constant)
+    init: str = "constant"  # initial logits: "normal" N(0, 1) (the paper) or "constant" (all 0: no ranking to keep)
 
     def validate(self, world: int) -> None:
         if self.steps < 2:
@@ -118,6 +121,8 @@ class RouterConfig:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {list(OPTIMIZERS)}")
         if not 0 < self.lr_final <= 1:
             raise ValueError(f"lr_final must be in (0, 1], got {self.lr_final}")
+        if self.init not in INITS:
+            raise ValueError(f"unknown router init {self.init!r}; choose from {list(INITS)}")
         if not self.logit_bound > 0:
             raise ValueError(f"logit_bound must be > 0, got {self.logit_bound}")
         if not 0 <= self.null_prob <= 1:
@@ -135,7 +140,7 @@ class RouterConfig:
 RECIPES = {
     "ranked": {},
     "paper": dict(batch_size=64, lr=1e-3, l1=None, iterations=20000, checkpoint_every=500, penalty="l1",
-                  step_draw="one", logit_bound=5.0, optimizer="adamw", lr_final=1.0),
+                  step_draw="one", logit_bound=5.0, optimizer="adamw", lr_final=1.0, init="normal"),
 }
 
 
@@ -342,7 +347,8 @@ class RouterTrainer:
         self.diffusion = respaced_diffusion(config.steps, "ddim")
         self.cache_steps = cache_steps(config.steps)
         # the same initial router on every process (same seed), then each its own data stream
-        self.router = Router(config.steps, self.depth, torch.Generator().manual_seed(config.seed)).to(self.device)
+        self.router = Router(config.steps, self.depth, torch.Generator().manual_seed(config.seed),
+                             init=config.init).to(self.device)
         self.init_logits = self.router.stacked().cpu().clone()  # kept in the artifact for `calibrate reuse-cost`
         if config.optimizer == "adamw":
             self.opt = torch.optim.AdamW(self.router.parameters(), lr=config.lr, weight_decay=0.0)
@@ -495,7 +501,8 @@ class RouterTrainer:
         c = self.config
         key = ArtifactKey.for_run(self.loaded, "ddim", c.steps, c.cfg_scale)
         meta = {"l1": c.lam, "penalty": c.penalty, "step_draw": c.step_draw, "logit_bound": c.logit_bound,
-                "optimizer": c.optimizer, "lr_final": c.lr_final, "lr": c.lr, "iterations": self.iteration, "data": c.data, "seconds": round(self.seconds, 1),
+                "optimizer": c.optimizer, "lr_final": c.lr_final, "lr": c.lr, "init": c.init,
+                "iterations": self.iteration, "data": c.data, "seconds": round(self.seconds, 1),
                 "batch_size": c.batch_size, "processes": self.world, "seed": c.seed, "depth": self.depth,
                 "skip_fraction_at_threshold": {str(c.threshold): self.skip_fraction()}}
         if c.data == "trajectories":

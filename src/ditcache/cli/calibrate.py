@@ -223,8 +223,8 @@ def _schedule(policy_spec: str, prior):
 
 def run_reuse_cost(args) -> int:
     from ..calibration.artifact import ArtifactKey, load_artifact, save_artifact
-    from ..calibration.reuse_cost import (COST_KIND, check_pair, cost_artifact, ranking_report, reuse_cost_map,
-                                          router_logits)
+    from ..calibration.reuse_cost import (COST_KIND, agreement_report, check_pair, cost_artifact, ranking_report,
+                                          reuse_cost_map, router_logits)
     from ..calibration.train_router import TrajectoryStates
 
     routers = {path: router_logits(path) for path in args.router}
@@ -256,6 +256,9 @@ def run_reuse_cost(args) -> int:
     for path, (_, logits, init) in routers.items():
         context = reuse_cost_map(loaded, key.steps, states, args.batch_size, progress=progress, logits=logits)
         report["routers"][path] = ranking_report(logits, cost, init, args.threshold, context)
+    paths = list(routers)
+    report["agreement"] = {p: agreement_report(routers[paths[0]][1], routers[p][1], routers[paths[0]][2], routers[p][2])
+                           for p in paths[1:]}
     if args.json:
         print_json(report)
         return 0
@@ -265,15 +268,24 @@ def run_reuse_cost(args) -> int:
     for s, row in enumerate(cost):
         if not bool(row.isnan().any()):
             print(f"{s:4d}  " + " ".join(f"{float(v):8.2e}" for v in row))
+
+    def fmt(v):
+        return "    -" if v is None else f"{v:+.2f}"
+
     for path, rows in report["routers"].items():
         print(f"\nrouter {path}: Spearman of the logits per cache step with the cost alone, the cost in the "
               f"router's context and the initial logits; 'init~cost': the initial logits with the cost (chance); "
               f"'cached' at θ = {args.threshold:g}")
         print("step  vs cost  vs context  vs init  init~cost  cached")
         for r in rows:
-            fmt = lambda v: "    -" if v is None else f"{v:+.2f}"
             print(f"{r['step']:4d}  {fmt(r['spearman_cost']):>7}  {fmt(r['spearman_context']):>10}  "
                   f"{fmt(r['spearman_init']):>7}  {fmt(r['init_cost']):>9}  {r['cached']:3d}/{r['width']}")
+    for path, rows in report["agreement"].items():
+        print(f"\nrouter {path} against router {paths[0]}: Spearman of their logits per cache step, and of "
+              "their initial logits ('-': a constant start has no ranking)")
+        print("step  logits  inits")
+        for r in rows:
+            print(f"{r['step']:4d}  {fmt(r['spearman']):>6}  {fmt(r.get('spearman_init')):>5}")
     return 0
 
 

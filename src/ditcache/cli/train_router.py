@@ -12,6 +12,7 @@ import os
 from contextlib import nullcontext
 from pathlib import Path
 
+from ..calibration.router import INITS
 from ..calibration.train_router import (DATA_MODES, OPTIMIZERS, PAPER_L1, PENALTIES, RANKED_L2, RECIPES, STEP_DRAWS, RouterConfig,
                                         RouterTrainer, recipe_config)
 from ..models.loading import load_model
@@ -63,6 +64,9 @@ def add_parser(sub) -> None:
     p.add_argument("--lr-final", type=float, default=None,
                    help=f"lr falls linearly to lr·LR_FINAL at the last iteration (ranked: {d.lr_final:g}; paper: 1)")
     p.add_argument("--iterations", type=int, default=None, help=f"(ranked: {d.iterations}, paper: 20000)")
+    p.add_argument("--init", choices=INITS, default=None,
+                   help="initial logits: constant (all 0, β = 0.5: no ranking to start from; ranked) or "
+                        "normal (N(0, 1) from --seed; paper)")
     p.add_argument("--threshold", type=float, default=d.threshold,
                    help=f"θ for the reported skip fraction (default: {d.threshold})")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -96,7 +100,7 @@ def run(args) -> int:
                            data_dir=args.data_dir, trajectories=args.trajectories, batch_size=args.batch_size,
                            lr=args.lr, l1=args.l1, penalty=args.penalty, step_draw=args.step_draw,
                            logit_bound=args.logit_bound, optimizer=args.optimizer, lr_final=args.lr_final,
-                           iterations=args.iterations, threshold=args.threshold,
+                           iterations=args.iterations, threshold=args.threshold, init=args.init,
                            seed=args.seed, checkpoint_every=args.checkpoint_every)
     device, distributed = _distributed(args.device)
     try:
