@@ -20,7 +20,8 @@ and in step 1 every cache step (each with its own batch) instead of one.
 
 States come from real images noised to step s − 1 (``images``, the paper's way; here MNIST for
 pixel models) or from the model's own uncached DDIM trajectories from random noise and labels
-(``trajectories``: image-free, for users with a checkpoint but no data).
+(``trajectories``: image-free, for users with a checkpoint but no data). On a diffusers pipeline
+``pipelines/router.py`` trains inside the pipeline's own call and scheduler instead.
 
 Data-parallel under ``torchrun``: each process draws its own step and batch, the router's
 gradients are averaged over processes, and process 0 writes checkpoints and the artifact.

@@ -127,9 +127,12 @@ def run_pipeline(args) -> int:
     pipe, scheduler = open_pipeline(args, progress=False)  # one bar: the router's
     out = Path(args.out or f"runs/l2c-{pipeline_name(args.model)}-{scheduler}{config.steps}-cfg{config.cfg_scale:g}")
     with claim(out, None, args.overwrite):
-        trainer = PipelineRouterTrainer(pipe, job, config, out, device=args.device, progress=progress)
+        trainer = PipelineRouterTrainer(pipe, job, config, out, device=args.device)
         artifact = trainer.train(max_minutes=args.max_minutes, progress=progress)
-    _report(args, trainer, artifact, out, config)
+    size = f" --height {args.height}" if args.height else ""
+    size += f" --width {args.width}" if args.width else ""
+    scheduler = f" --scheduler {args.scheduler}" if args.scheduler else ""
+    _report(args, trainer, artifact, out, config, f" with --model {args.model}{scheduler}{size}")
     return 0
 
 
@@ -156,7 +159,7 @@ def run(args) -> int:
     return 0
 
 
-def _report(args, trainer, artifact, out: Path, config: RouterConfig) -> None:
+def _report(args, trainer, artifact, out: Path, config: RouterConfig, where: str = "") -> None:
     skip = trainer.skip_fraction()
     summary = {"router": str(out / "router"), "iterations": trainer.iteration, "seconds": round(trainer.seconds, 1),
                "skip_fraction": skip, "threshold": config.threshold, "key": dataclasses.asdict(artifact.key), "meta": artifact.meta}
@@ -165,4 +168,5 @@ def _report(args, trainer, artifact, out: Path, config: RouterConfig) -> None:
     else:
         print(f"router after {trainer.iteration} iterations ({trainer.seconds:.0f} s) skips {skip:.1%} of "
               f"sub-layer calls at θ = {config.threshold:g}; wrote {out / 'router'}\n"
-              f"use it with --policy l2c:router={out / 'router'} --steps {config.steps} --cfg-scale {config.cfg_scale:g}")
+              f"use it with --policy l2c:router={out / 'router'} --steps {config.steps} --cfg-scale {config.cfg_scale:g}"
+              f"{where}")

@@ -57,8 +57,7 @@ class PipelineRouterTrainer(RouterTrainer):
     the step count, guidance scale and batch size are the config's (``steps``, ``cfg_scale``,
     ``batch_size``). One process; ``data`` must be "trajectories"."""
 
-    def __init__(self, pipe, job: PipelineJob, config: RouterConfig, out: str | os.PathLike,
-                 device: str = "cpu", progress: bool = False):
+    def __init__(self, pipe, job: PipelineJob, config: RouterConfig, out: str | os.PathLike, device: str = "cpu"):
         self.rank, self.world = rank_and_world()
         if self.world > 1:
             raise ValueError("router training on a pipeline runs in one process (no torchrun)")
