@@ -162,3 +162,17 @@ def test_pipeline_training_refuses_images_and_resumes_from_its_checkpoint(pipe, 
     with pytest.raises(ValueError, match="made by"):
         trainer(pipe, tmp_path / "run", job=PipelineJob(prompts=("a dog",), height=16, width=16), iterations=2,
                 lr_final=1.0)
+
+
+def test_one_drawn_step_trains_only_its_logits_and_stops_the_call_there(pipe, tmp_path):
+    calls = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(None))
+    try:
+        run = trainer(pipe, tmp_path / "run", step_draw="one", seed=3)
+        run.opt.zero_grad(set_to_none=True)
+        stats = run.local_step()
+    finally:
+        hook.remove()
+    step = stats["step"]
+    assert step in (1, 3) and len(calls) == step + 1  # the pipeline's evaluations up to the drawn step
+    assert [s for s, p in enumerate(run.router.logits) if p.grad is not None] == [step]
