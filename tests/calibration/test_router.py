@@ -132,3 +132,28 @@ def test_router_shapes_clamp_and_schedule():
     assert np.array_equal(schedule.cached, expected)
     same = Router(6, 3, torch.Generator().manual_seed(0))
     assert torch.equal(Router(6, 3, torch.Generator().manual_seed(0)).stacked(), same.stacked())
+
+
+def test_three_column_routers_index_attn_mlp_cross_per_block():
+    assert [sublayer_index(Site(1, b), 3) for b in (Branch.ATTN, Branch.MLP, Branch.CROSS)] == [3, 4, 5]
+    assert sublayer_index(Site(1, Branch.MLP)) == 3  # the two-column layout is unchanged
+    with pytest.raises(ValueError, match="no logit"):
+        sublayer_index(Site(0, Branch.CROSS))
+    router = Router(4, 2, torch.Generator().manual_seed(0), columns=3)
+    assert router.stacked().shape == (4, 6) and router.schedule(0.5).cached.shape == (4, 2, 3)
+    assert torch.equal(Router.from_logits(router.stacked(), columns=3).stacked(), router.stacked())
+    with pytest.raises(ValueError, match="3 \\* depth"):
+        Router.from_logits(torch.zeros(4, 4), columns=3)
+    with pytest.raises(ValueError, match="2 columns"):
+        Router(4, 2, columns=4)
+
+
+def test_the_blend_takes_three_columns_on_a_pixart_transformer():
+    from ditcache.pipelines.toy import pixart_transformer
+
+    model = pixart_transformer(depth=2)
+    blend = SubLayerBlend(model)
+    assert (blend.columns, blend.depth) == (3, 2)
+    with pytest.raises(ValueError, match="shape \\(6,\\)"):
+        with blend.blending(torch.ones(4)):
+            pass

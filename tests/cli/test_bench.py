@@ -46,3 +46,28 @@ def test_bench_peers_runs_every_system_from_one_flag(tmp_path, capsys):
     assert rows["rule:preset=rm-50+forecast"]["compute_fraction"] == 0.5
     assert rows["diffusers:taylorseer:interval=2,warmup=1"]["compute_fraction"] == 0.5
     assert rows["diffusers:magcache"]["status"].startswith("not run")
+
+
+def test_bench_times_the_caches_inside_a_saved_pipeline(pipeline_folders, capsys):
+    code = main(["bench", "--model", str(pipeline_folders / "pixart"), "--prompt", "a photo of a cat", "--steps", "4",
+                 "--height", "16", "--width", "16", "--cache", "fora:interval=2", "--cache", "rule:preset=rm-50",
+                 "--repeats", "1", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["pipeline"], out["steps"], out["batch"], out["guidance_scale"]) == ("PixArtAlphaPipeline", 4, 1, 4.5)
+    rows = {r["spec"]: r for r in out["rows"]}
+    assert list(rows) == ["bare", "fora:interval=2", "rule:preset=rm-50"]
+    assert rows["fora:interval=2"]["compute_fraction"] == pytest.approx(0.75)  # step 2 of 0..3 reused
+    assert rows["rule:preset=rm-50"]["compute_fraction"] == pytest.approx(0.5)
+    for r in rows.values():
+        assert r["macs_bound"] == pytest.approx(1 / r["macs_ratio"])
+
+
+def test_bench_pipeline_arguments_are_checked(pipeline_folders, tmp_path, capsys):
+    model = str(pipeline_folders / "pixart")
+    assert main(["bench", "--model", model, "--prompt", "a cat", "--pipeline", "pixart-alpha"]) == 2
+    assert "does not combine" in capsys.readouterr().err
+    assert main(["bench", "--model", model, "--steps", "2"]) == 2  # a text-to-image pipeline needs a prompt
+    assert "give --prompt TEXT or --prompts FILE" in capsys.readouterr().err
+    assert main(["bench", "--cfg-scale", "3", "--xl", "skip"]) == 2
+    assert "--cfg-scale applies to --model PIPELINE" in capsys.readouterr().err

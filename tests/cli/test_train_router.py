@@ -128,3 +128,53 @@ def test_two_processes_average_their_gradients(tmp_path, tiny8):
         trainer.iteration += 1
     torch.testing.assert_close(artifact.tensors["logits"], trainer.router.stacked(), rtol=1e-6, atol=1e-7)
     assert not torch.equal(artifact.tensors["logits"], RouterTrainer(loaded, config, tmp_path / "x").router.stacked())
+
+
+def test_a_router_trains_on_a_text_to_image_pipeline_folder_with_prompts(tmp_path, pipeline_folders, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\n\na red car on the beach\n")
+    model = str(pipeline_folders / "pixart")
+    out = tmp_path / "run"
+    common = ["--model", model, "--steps", "4", "--cfg-scale", "4.5", "--height", "16", "--width", "16"]
+    train = ["train-router", *common, "--prompts", str(prompts), "--batch-size", "2", "--lr-final", "1",
+             "--out", str(out), "--json"]
+    assert main([*train, "--iterations", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["key"]["sampler"].startswith("DPMSolverMultistepScheduler-") and summary["key"]["resolution"] == 16
+    assert summary["key"]["cfg_scale"] == 4.5 and summary["key"]["steps"] == 4
+    assert summary["meta"]["prompts"] == ["a photo of a cat", "a red car on the beach"]
+    assert summary["meta"]["branches"] == ["attn", "mlp", "cross"]
+    assert main([*train, "--iterations", "2"]) == 0  # resumes from its checkpoint
+    assert json.loads(capsys.readouterr().out)["iterations"] == 2
+    assert len((out / "train_log.csv").read_text().splitlines()) == 3
+    artifact = load_artifact(out / "router", "l2c-router")
+    assert artifact.tensors["logits"].shape == (4, 6)
+
+    policy = f"l2c:router={out / 'router'},threshold=0.5"
+    sample = ["sample", *common, "--prompt", "a red car", "--num-samples", "1", "--policy", policy, "--json",
+              "--no-progress"]
+    assert main([*sample, "--out", str(tmp_path / "s")]) == 0
+    assert json.loads(capsys.readouterr().out)["policy"]["name"] == "l2c"
+    # refused, by name, for another step count and another scheduler
+    assert main([*sample[:4], "6", *sample[5:], "--out", str(tmp_path / "s6")]) == 2
+    assert "steps: artifact 4 vs run 6" in capsys.readouterr().err
+    assert main([*sample, "--scheduler", "ddim", "--out", str(tmp_path / "sd")]) == 2
+    assert "sampler: artifact 'DPMSolverMultistepScheduler-" in capsys.readouterr().err
+
+
+def test_a_pipeline_router_refuses_image_data_and_needs_prompts(tmp_path, pipeline_folders, capsys):
+    model = str(pipeline_folders / "pixart")
+    assert main(["train-router", "--model", model, "--prompt", "a cat", "--data", "images",
+                 "--out", str(tmp_path / "a")]) == 2
+    assert "no image dataset" in capsys.readouterr().err
+    assert main(["train-router", "--model", model, "--steps", "4", "--out", str(tmp_path / "b")]) == 2
+    assert "give --prompt TEXT or --prompts FILE" in capsys.readouterr().err
+
+
+def test_a_class_conditional_pipeline_trains_with_its_chosen_scheduler(tmp_path, pipeline_folders, capsys):
+    out = tmp_path / "run"
+    assert main(["train-router", "--model", str(pipeline_folders / "dit"), "--scheduler", "dpm++", "--steps", "4",
+                 "--batch-size", "1", "--iterations", "1", "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["key"]["sampler"].startswith("DPMSolverMultistepScheduler-")
+    assert summary["meta"]["branches"] == ["attn", "mlp"] and summary["meta"]["pipeline"] == "DiTPipeline"

@@ -174,3 +174,16 @@ def test_bad_configs_are_clear_errors(tmp_path, monkeypatch):
     assert schedules_file() == tmp_path / "nowhere" / "data" / "l2c_dit_xl2_schedules.json"
     with pytest.raises(FileNotFoundError, match="DITCACHE_SHARED"):
         make_policy("l2c", preset="dit-xl2-ddim20")
+
+
+def test_a_three_column_router_thresholds_into_a_three_column_schedule():
+    logits = torch.full((3, 6), 5.0)  # 3 steps x 2 blocks x (attn, mlp, cross)
+    logits[1, 5] = -5.0  # cross-attention of block 1 at cache step 1
+    logits[2, 0] = -5.0  # step 2 is even: computed whatever β is
+    s = router_schedule(logits, 0.1, columns=3)
+    expected = np.zeros((3, 2, 3), dtype=bool)
+    expected[1, 1, 2] = True
+    assert np.array_equal(s.cached, expected)
+    assert np.array_equal(fraction_schedule(logits, 1 / 18, columns=3).cached, expected)
+    with pytest.raises(ValueError, match="3 \\* depth"):
+        router_schedule(torch.zeros(3, 4), 0.1, columns=3)

@@ -1,7 +1,7 @@
 """Latency inside a diffusers pipeline's own loop: measured speed-up of cache methods against their
 MACs bound, on a PixArt-alpha-shaped transformer with random weights (speed does not depend on the
-weights' values). The first row, bare, is the pipeline with nothing enabled; "none" against it is
-the cost of ``ditcache.enable`` itself."""
+weights' values; ``time_pipeline``) or on any pipeline the user loads (``time_job``). The first row,
+bare, is the pipeline with nothing enabled; "none" against it is the cost of ``ditcache.enable`` itself."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..pipelines import enable
+from ..pipelines.sampling import PipelineJob, sample_batch
 from ..pipelines.toy import caption_inputs, pixart_alpha_shaped
 from .compare import parse_cache
 from .speed import BARE, SpeedRow, round_robin
@@ -32,6 +33,14 @@ def time_pipeline(specs=PIPELINE_SPECS, steps: int = 4, depth: int = 28, latent:
               **caption_inputs(batch, text_tokens)}
 
     return time_calls(pipe, lambda: pipe(**kwargs), specs, repeats, progress)
+
+
+def time_job(pipe, job: PipelineJob, specs=PIPELINE_SPECS, repeats: int = 1, device: str = "cpu",
+             progress: bool = True) -> list[SpeedRow]:
+    """Every spec timed on one call of ``pipe`` on the first ``job.batch_size`` samples of ``job``
+    (prompts or labels, seeded noise), returning latents: the VAE's decode is none of the cache's work."""
+    indices = list(range(job.batch_size))
+    return time_calls(pipe, lambda: sample_batch(pipe, job, indices, device, decode=False), specs, repeats, progress)
 
 
 def time_calls(pipe, call, specs, repeats: int = 1, progress: bool = True) -> list[SpeedRow]:

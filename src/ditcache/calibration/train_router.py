@@ -20,7 +20,8 @@ and in step 1 every cache step (each with its own batch) instead of one.
 
 States come from real images noised to step s − 1 (``images``, the paper's way; here MNIST for
 pixel models) or from the model's own uncached DDIM trajectories from random noise and labels
-(``trajectories``: image-free, for users with a checkpoint but no data).
+(``trajectories``: image-free, for users with a checkpoint but no data). On a diffusers pipeline
+``pipelines/router.py`` trains inside the pipeline's own call and scheduler instead.
 
 Data-parallel under ``torchrun``: each process draws its own step and batch, the router's
 gradients are averaged over processes, and process 0 writes checkpoints and the artifact.
@@ -338,17 +339,34 @@ class RouterTrainer:
     def __init__(self, loaded, config: RouterConfig, out: str | os.PathLike, states=None, progress: bool = False):
         self.rank, self.world = rank_and_world()
         config.validate(self.world)
-        self.config, self.loaded = config, loaded
+        self.loaded = loaded
+        self.identity = loaded.fingerprint  # what a checkpoint must have been made on to be resumed
+        self._setup(loaded.module, config, out)
+        self.diffusion = respaced_diffusion(config.steps, "ddim")
+        if states is None:
+            if config.data == "images":
+                states = mnist_states(loaded, config.data_dir)
+            else:
+                states = TrajectoryStates(loaded, config.steps, config.trajectories, config.seed, self.rank,
+                                          progress=progress and self.rank == 0)
+        self.states = states
+        if self.ckpt_path.exists():
+            self._resume()
+
+    def _setup(self, module, config: RouterConfig, out) -> None:
+        """What every router run has: the frozen model, the router, its optimiser, the data stream."""
+        self.config = config
         self.out = Path(out)
         self.ckpt_path = self.out / "checkpoint.pt"
-        module = loaded.module.eval().requires_grad_(False)
+        module = module.eval().requires_grad_(False)
         self.device = next(module.parameters()).device
-        self.depth = len(adapter_for(module).blocks(module))
-        self.diffusion = respaced_diffusion(config.steps, "ddim")
+        adapter = adapter_for(module)
+        self.depth = len(adapter.blocks(module))
+        self.branches = tuple(b.value for b in adapter.branches(module))  # router columns per block
         self.cache_steps = cache_steps(config.steps)
         # the same initial router on every process (same seed), then each its own data stream
         self.router = Router(config.steps, self.depth, torch.Generator().manual_seed(config.seed),
-                             init=config.init).to(self.device)
+                             columns=len(self.branches), init=config.init).to(self.device)
         self.init_logits = self.router.stacked().cpu().clone()  # kept in the artifact for `calibrate reuse-cost`
         if config.optimizer == "adamw":
             self.opt = torch.optim.AdamW(self.router.parameters(), lr=config.lr, weight_decay=0.0)
@@ -357,16 +375,7 @@ class RouterTrainer:
         self.batch = config.batch_size // self.world  # per process
         self.gen = torch.Generator().manual_seed(data_seed(config.seed, self.rank))
         self.blend = SubLayerBlend(module)
-        if states is None:
-            if config.data == "images":
-                states = mnist_states(loaded, config.data_dir)
-            else:
-                states = TrajectoryStates(loaded, config.steps, config.trajectories, config.seed, self.rank,
-                                          progress=progress and self.rank == 0)
-        self.states = states
         self.iteration, self.seconds = 0, 0.0
-        if self.ckpt_path.exists():
-            self._resume()
 
     # -- checkpoints --------------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -374,9 +383,9 @@ class RouterTrainer:
         may_change = RESUMABLE_CHANGES if self.config.lr_final == 1.0 else tuple(
             k for k in RESUMABLE_CHANGES if k != "iterations")
         state = load_resumable(self.ckpt_path, self.config, may_change)
-        if state["world"] != self.world or state["fingerprint"] != self.loaded.fingerprint:
+        if state["world"] != self.world or state["fingerprint"] != self.identity:
             raise ValueError(f"{self.ckpt_path} was made by {state['world']} processes on model "
-                             f"{state['fingerprint']}; this run has {self.world} on {self.loaded.fingerprint}")
+                             f"{state['fingerprint']}; this run has {self.world} on {self.identity}")
         self.router.load_logits(state["logits"])
         self.opt.load_state_dict(state["opt"])
         self.gen.set_state(state["gens"][self.rank])
@@ -393,7 +402,7 @@ class RouterTrainer:
             return
         state = {"config": dataclasses.asdict(self.config), "logits": self.router.stacked().cpu(),
                  "opt": self.opt.state_dict(), "gens": gens, "iteration": self.iteration,
-                 "seconds": self.seconds, "world": self.world, "fingerprint": self.loaded.fingerprint}
+                 "seconds": self.seconds, "world": self.world, "fingerprint": self.identity}
         save_checkpoint(state, self.ckpt_path)
 
     # -- training -----------------------------------------------------------------------------------
@@ -467,7 +476,7 @@ class RouterTrainer:
             if not log.exists():
                 log.write_text("iteration,loss,mse,skip_fraction,seconds\n")
         bar = tqdm(total=c.iterations, initial=self.iteration, disable=not progress or self.rank != 0,
-                   desc=f"l2c router ddim{c.steps}", unit="it")
+                   desc=f"l2c router {self.label()}", unit="it")
         deadline = None if max_minutes is None else time.perf_counter() + 60 * max_minutes
         window, saved_at = [], None
         while self.iteration < c.iterations:
@@ -496,16 +505,27 @@ class RouterTrainer:
             save_artifact(artifact, self.out / "router")
         return artifact
 
-    def artifact(self) -> Artifact:
-        """The router as an "l2c-router" artifact keyed for DDIM at this step count and CFG scale."""
+    def label(self) -> str:
+        """The sampler and step count, for the progress bar."""
+        return f"ddim{self.config.steps}"
+
+    def key(self) -> ArtifactKey:
+        """What the router is valid for: this model under DDIM at this step count and CFG scale."""
+        return ArtifactKey.for_run(self.loaded, "ddim", self.config.steps, self.config.cfg_scale)
+
+    def meta(self) -> dict:
+        """The artifact's record of how the router was trained."""
         c = self.config
-        key = ArtifactKey.for_run(self.loaded, "ddim", c.steps, c.cfg_scale)
         meta = {"l1": c.lam, "penalty": c.penalty, "step_draw": c.step_draw, "logit_bound": c.logit_bound,
                 "optimizer": c.optimizer, "lr_final": c.lr_final, "lr": c.lr, "init": c.init,
                 "iterations": self.iteration, "data": c.data, "seconds": round(self.seconds, 1),
                 "batch_size": c.batch_size, "processes": self.world, "seed": c.seed, "depth": self.depth,
-                "skip_fraction_at_threshold": {str(c.threshold): self.skip_fraction()}}
+                "branches": list(self.branches), "skip_fraction_at_threshold": {str(c.threshold): self.skip_fraction()}}
         if c.data == "trajectories":
             meta["trajectories_per_process"] = c.trajectories
-        return Artifact(ARTIFACT_KIND, key, {"logits": self.router.stacked().cpu(), "init_logits": self.init_logits},
-                        meta)
+        return meta
+
+    def artifact(self) -> Artifact:
+        """The router as an "l2c-router" artifact, keyed by ``key()``."""
+        return Artifact(ARTIFACT_KIND, self.key(), {"logits": self.router.stacked().cpu(),
+                                                    "init_logits": self.init_logits}, self.meta())

@@ -11,7 +11,7 @@ from ..bench.pipeline_speed import PIPELINE_SPECS, time_pipeline
 from ..bench.speed import BARE, DEFAULT_SPECS, random_dit, speed_table, time_policies
 from ..models.loading import load_model
 from ..sampling.generate import SampleConfig
-from .common import add_num_heads_arg, print_json
+from .common import add_num_heads_arg, add_pipeline_args, print_json, wants_pipeline
 
 
 def add_parser(sub) -> None:
@@ -21,15 +21,23 @@ def add_parser(sub) -> None:
         description="Times sampling with each --cache configuration in one process (one warm-up, median of "
                     "--repeats) on (a) a DiT-XL/2-shaped model with random weights at batch 2 (one conditional "
                     "+ one unconditional sample, cfg 1.5) and (b) --model (default: the embedded model). The first "
-                    "row, bare, has no engine installed: 'none' against it is the engine's own cost.")
+                    "row, bare, has no engine installed: 'none' against it is the engine's own cost.\n"
+                    "With --model a diffusers pipeline folder (or hub id) and --prompt/--prompts (or --scheduler "
+                    "for a class-conditional pipeline), instead: the --cache configurations inside that pipeline's "
+                    "own call and scheduler, --batch-size images (default 1) of --steps steps at --cfg-scale, "
+                    "latents out (default caches: " + ", ".join(PIPELINE_SPECS) + ").")
     p.add_argument("--cache", action="append", default=None, metavar="CACHE",
                    help=f"configuration to time (repeatable; default: {', '.join(DEFAULT_SPECS)})")
-    p.add_argument("--model", default="mnist", help="the small model (default: mnist)")
+    p.add_argument("--model", default="mnist", help="the small model, or a diffusers pipeline (default: mnist)")
     add_num_heads_arg(p)
     p.add_argument("--xl", default="DiT-XL/2", help="size preset of the random-weight model; 'skip' to skip it")
     p.add_argument("--xl-steps", type=int, default=8, help="DDIM steps for the large model (default: 8)")
-    p.add_argument("--steps", type=int, default=20, help="DDIM steps for the small model (default: 20)")
-    p.add_argument("--batch-size", type=int, default=64, help="samples per batch for the small model")
+    p.add_argument("--steps", type=int, default=20,
+                   help="DDIM steps for the small model, or the pipeline scheduler's steps (default: 20)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="samples per batch for the small model (default: 64), or images per pipeline call (default: 1)")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="--model PIPELINE: guidance scale of the timed call (default: 4.5)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--pipeline", choices=["pixart-alpha"], default=None,
                    help="instead: time the caches inside a diffusers PixArtAlphaPipeline's own loop (DPM-Solver++, "
@@ -56,6 +64,7 @@ def add_parser(sub) -> None:
                    help="--preset gpu: torch.compile backend (inductor; eager or aot_eager to check the path quickly)")
     p.add_argument("--out", default=None, help="--preset gpu: also write the markdown table to this file")
     p.add_argument("--json", action="store_true")
+    add_pipeline_args(p)
     p.set_defaults(func=run)
 
 
@@ -115,11 +124,46 @@ def run_gpu(args) -> int:
     return 0
 
 
+def run_model_pipeline(args) -> int:
+    """--model PIPELINE: every --cache inside the user's pipeline, on its own call and scheduler."""
+    from ..bench.pipeline_speed import time_job
+    from ..pipelines.sampling import PipelineJob, is_text_to_image
+    from .sample_pipeline import open_pipeline, pipeline_prompts
+
+    if args.pipeline or args.peers or args.preset:
+        raise ValueError("--model PIPELINE with --prompt/--prompts/--scheduler times that pipeline; it does not "
+                         "combine with --pipeline, --peers or --preset")
+    batch = args.batch_size or 1
+    job = PipelineJob(num_samples=batch, batch_size=batch, steps=args.steps,
+                      guidance_scale=4.5 if args.cfg_scale is None else args.cfg_scale,
+                      prompts=pipeline_prompts(args), height=args.height, width=args.width)
+    pipe, scheduler = open_pipeline(args, progress=False)
+    job.validate(is_text_to_image(pipe))
+    specs = bare_first(args.cache or PIPELINE_SPECS)
+    if not args.json:
+        print(f"{args.model}: {type(pipe).__name__}, {scheduler} {job.steps} steps, batch {batch}, "
+              f"guidance {job.guidance_scale:g}")
+    rows = time_job(pipe, job, specs, args.repeats, args.device, progress=not args.json)
+    if args.json:
+        print_json({"threads": torch.get_num_threads(), "device": args.device, "model": args.model,
+                    "pipeline": type(pipe).__name__, "scheduler": scheduler, "steps": job.steps, "batch": batch,
+                    "guidance_scale": job.guidance_scale, "rows": [r.as_dict() for r in rows]})
+    else:
+        print(speed_table(rows))
+    return 0
+
+
 def run(args) -> int:
     from ..bench.gpu import check_device
 
     args.device = args.device or ("cuda" if args.preset == "gpu" else "cpu")
     check_device(args.device)  # one line, before any model is built
+    if wants_pipeline(args):
+        return run_model_pipeline(args)
+    if args.cfg_scale is not None:
+        raise ValueError("--cfg-scale applies to --model PIPELINE; the DiT rows use 1.5")
+    if args.batch_size is None:
+        args.batch_size = 64
     if args.preset == "gpu":
         return run_gpu(args)
     if args.peers:

@@ -127,15 +127,11 @@ def _extract(args):
               "max_batches": args.max_batches, "device": args.device}
     if wants_pipeline(args):
         from ..pipelines.calibration import extract_pipeline_prior, pipeline_key
-        from ..pipelines.sampling import load_pipeline, set_scheduler
-        from .sample_pipeline import pipeline_job
+        from .sample_pipeline import open_pipeline, pipeline_job, pipeline_name
 
         job = pipeline_job(args)
-        pipe = load_pipeline(args.model, device=args.device)
-        scheduler = set_scheduler(pipe, args.scheduler)
-        if not progress:
-            pipe.set_progress_bar_config(disable=True)
-        name = Path(args.model).name or args.model.replace("/", "_")
+        pipe, scheduler = open_pipeline(args, progress)
+        name = pipeline_name(args.model)
         out = args.out or f"runs/prior-{name}-{scheduler}{job.steps}-cfg{job.guidance_scale:g}"
         with claim(out, None, args.overwrite):
             result = extract_pipeline_prior(pipe, job, out, **common)

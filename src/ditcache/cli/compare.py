@@ -70,13 +70,11 @@ def run(args) -> int:
 def _sampler(args):
     """Our sampler on a loaded model, or a diffusers pipeline's own call (prompts / --scheduler)."""
     if wants_pipeline(args):
-        from ..pipelines.sampling import PipelineSampler, load_pipeline, set_scheduler
-        from .sample_pipeline import pipeline_job
+        from ..pipelines.sampling import PipelineSampler
+        from .sample_pipeline import open_pipeline, pipeline_job
 
         job = pipeline_job(args)
-        pipe = load_pipeline(args.model, device=args.device)
-        set_scheduler(pipe, args.scheduler)
-        pipe.set_progress_bar_config(disable=True)
+        pipe, _ = open_pipeline(args, progress=False)
         return PipelineSampler(pipe, job, args.model, args.device)
     loaded = load_model(args.model, vae=args.vae, device=args.device, num_heads=args.num_heads)
     return ModelSampler(loaded, sample_config(args), args.device)

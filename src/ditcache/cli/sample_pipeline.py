@@ -12,6 +12,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -26,12 +27,31 @@ from ..sampling.sharded import batch_indices, num_batches, shard_path, sum_repor
 from .common import build_cache, cache_tag, print_json, sample_config
 
 
+def pipeline_prompts(args) -> Optional[tuple[str, ...]]:
+    """The prompts of --prompt (repeatable) and then --prompts FILE, or None."""
+    prompts = tuple(args.prompt) + (read_prompts(args.prompts) if args.prompts else ())
+    return prompts or None
+
+
 def pipeline_job(args) -> PipelineJob:
     """The PipelineJob the command line asks for (prompts from --prompt and --prompts, or --labels)."""
-    prompts = tuple(args.prompt) + (read_prompts(args.prompts) if args.prompts else ())
     return PipelineJob(num_samples=args.num_samples, batch_size=args.batch_size, steps=args.steps,
-                       guidance_scale=args.cfg_scale, seed=args.seed, prompts=prompts or None,
+                       guidance_scale=args.cfg_scale, seed=args.seed, prompts=pipeline_prompts(args),
                        labels=sample_config(args).labels, height=args.height, width=args.width)
+
+
+def open_pipeline(args, progress: bool = True) -> tuple:
+    """(pipeline, scheduler class name): --model on --device, with --scheduler's scheduler if given."""
+    pipe = load_pipeline(args.model, device=args.device)
+    scheduler = set_scheduler(pipe, args.scheduler)
+    if not progress:
+        pipe.set_progress_bar_config(disable=True)
+    return pipe, scheduler
+
+
+def pipeline_name(model: str) -> str:
+    """A path component for run folders: the folder's name, or the hub id with '/' replaced."""
+    return Path(model).name or model.replace("/", "_")
 
 
 def _assemble(out: Path, layout: SampleConfig, job: PipelineJob, text: bool) -> np.ndarray:
@@ -52,14 +72,11 @@ def _assemble(out: Path, layout: SampleConfig, job: PipelineJob, text: bool) -> 
 def run_pipeline(args) -> int:
     policy, correctors = build_cache(args.policy, args.corrector)
     job = pipeline_job(args)
-    pipe = load_pipeline(args.model, device=args.device)
-    scheduler = set_scheduler(pipe, args.scheduler)
+    pipe, scheduler = open_pipeline(args, progress=not (args.no_progress or args.json))
     text = is_text_to_image(pipe)
     job.validate(text)
-    if args.no_progress or args.json:
-        pipe.set_progress_bar_config(disable=True)
     tag = cache_tag(policy, correctors)
-    name = Path(args.model).name or args.model.replace("/", "_")
+    name = pipeline_name(args.model)
     out = Path(args.out or f"runs/{name}-{scheduler}{job.steps}-cfg{job.guidance_scale:g}-seed{job.seed}"
                             f"-n{job.num_samples}-{tag}")
     settings = {"model": args.model, "scheduler": scheduler, "job": job.__dict__, "policy": policy.describe(),

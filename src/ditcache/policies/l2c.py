@@ -4,14 +4,16 @@ Ma, Fang, Mi & Wang, "Learning-to-Cache: Accelerating Diffusion Transformer via 
 NeurIPS 2024, https://arxiv.org/abs/2406.01733 (methods.md §3.4).
 
 The router holds one logit per sampling step and sub-layer (index 2l: attention of block l, 2l+1:
-its MLP). The cache interval is 2 and is tied to the step index: the odd steps 1, 3, ... are the
+its MLP; on blocks with cross-attention, such as PixArt's, 3l + c with c = 0 attention, 1 MLP,
+2 cross-attention, and the schedule has three columns). The cache interval is 2 and is tied to the step index: the odd steps 1, 3, ... are the
 *cache steps*, where a sub-layer is computed iff β = sigmoid(logit) > θ and otherwise reuses its
 output of the step just before; every even step (step 0 included) computes everything. For an
 even step count this is the paper's "even respaced index" rule; for an odd one the last step is a
 full step, where the official code's call-counter parity would drift.
 
 Two sources: ``router=PATH`` (an "l2c-router" artifact from ``ditcache train-router``, checked
-against the run's model, sampler, steps, CFG scale and resolution) or ``preset=NAME`` (the
+against the run's model, sampler, steps, CFG scale and resolution; for a diffusers pipeline the
+sampler is its scheduler's class and settings digest) or ``preset=NAME`` (the
 schedules the authors published for DiT-XL/2 256x256, read from the shared data file).
 """
 
@@ -48,36 +50,43 @@ def is_cache_step(step: int) -> bool:
     return step % 2 == 1
 
 
-def router_schedule(logits: torch.Tensor, threshold: float = DEFAULT_THRESHOLD, name: str = "l2c") -> Schedule:
-    """Threshold router logits (steps, 2·depth) into a Schedule.
+def router_schedule(logits: torch.Tensor, threshold: float = DEFAULT_THRESHOLD, name: str = "l2c",
+                    columns: int = 2) -> Schedule:
+    """Threshold router logits (steps, columns·depth) into a Schedule of ``columns`` columns.
 
     At a cache step a sub-layer is cached iff β = sigmoid(logit) <= θ (computed iff β > θ); every
     other step computes everything.
     """
     check_threshold(threshold)
-    beta = router_betas(logits)
+    beta = router_betas(logits, columns)
     cached = np.zeros(beta.shape, dtype=bool)
     for step in cache_steps(beta.shape[0]):
         cached[step] = beta[step] <= threshold
     return Schedule(cached, name)
 
 
-def router_betas(logits: torch.Tensor) -> np.ndarray:
-    """β = sigmoid(logit) of router logits (steps, 2·depth), as (steps, depth, [attn, mlp])."""
+def router_betas(logits: torch.Tensor, columns: int = 2) -> np.ndarray:
+    """β = sigmoid(logit) of router logits (steps, columns·depth), as (steps, depth, columns):
+    [attn, mlp], or [attn, mlp, cross] with three columns."""
     logits = torch.as_tensor(logits).detach().float().cpu()
-    if logits.dim() != 2 or logits.shape[1] % 2:
-        raise ValueError(f"router logits must be (steps, 2 * depth), got {tuple(logits.shape)}")
-    return torch.sigmoid(logits).numpy().reshape(logits.shape[0], logits.shape[1] // 2, 2)
+    if columns not in (2, 3) or logits.dim() != 2 or logits.shape[1] % columns:
+        raise ValueError(f"router logits must be (steps, {columns} * depth), got {tuple(logits.shape)}")
+    return torch.sigmoid(logits).numpy().reshape(logits.shape[0], logits.shape[1] // columns, columns)
 
 
-def fraction_schedule(logits: torch.Tensor, fraction: float, name: str = "l2c") -> Schedule:
+def router_columns(artifact) -> int:
+    """Columns per block of an l2c-router artifact: 2, or 3 where its meta lists cross-attention."""
+    return len(artifact.meta.get("branches", ("attn", "mlp")))
+
+
+def fraction_schedule(logits: torch.Tensor, fraction: float, name: str = "l2c", columns: int = 2) -> Schedule:
     """Cache the lowest-β sub-layers of the cache steps until ``fraction`` of all sub-layer calls is reused.
 
     The same ranking as thresholding (a sub-layer is cached before any with a larger β), with θ
-    chosen so the schedule reuses round(fraction · steps · 2 · depth) sub-layers: the way to put a
+    chosen so the schedule reuses round(fraction · steps · columns · depth) sub-layers: the way to put a
     router's schedule beside a hand-made one of the same compute. Ties keep (step, block, branch) order.
     """
-    beta = router_betas(logits)
+    beta = router_betas(logits, columns)
     steps = beta.shape[0]
     odd = cache_steps(steps)
     limit = len(odd) / steps
@@ -159,11 +168,12 @@ class L2cPolicy(StaticPolicy):
         if self._preset is not None:
             return self._preset  # StaticPolicy.reset refuses it for another depth or step count
         self.artifact.check(ARTIFACT_KIND, ArtifactKey.from_run(run))
+        columns = router_columns(self.artifact)  # the schedule's columns; reset() checks them against the model's
         if self.config.fraction is not None:
             return fraction_schedule(self.artifact.tensors["logits"], self.config.fraction,
-                                     f"l2c-{Path(self.config.router).name}-f{self.config.fraction:g}")
+                                     f"l2c-{Path(self.config.router).name}-f{self.config.fraction:g}", columns)
         return router_schedule(self.artifact.tensors["logits"], self.config.threshold,
-                               f"l2c-{Path(self.config.router).name}-t{self.config.threshold:g}")
+                               f"l2c-{Path(self.config.router).name}-t{self.config.threshold:g}", columns)
 
 
 @register_policy("l2c", L2cConfig, "Learning-to-Cache: a trained router (router=PATH) or a published "
