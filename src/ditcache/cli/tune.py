@@ -87,11 +87,12 @@ def summary(result: dict) -> str:
     else:
         lines.append(f"nothing chosen, no artifact written; held-out check of the fastest: {result['fastest']}")
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    lines.append(f"{'role':<15}{'config':<36}{'tune PSNR':>10}{'tune x':>8}{'held PSNR [95% CI]':>24}{'held x':>8}"
+    w = max([36] + [len(r["spec"]) + 2 for r in result["heldout"]])  # long step sets keep the columns aligned
+    lines.append(f"{'role':<15}{'config':<{w}}{'tune PSNR':>10}{'tune x':>8}{'held PSNR [95% CI]':>24}{'held x':>8}"
                  f"{'MACs':>7}{'held FID':>10}")
     for r in result["heldout"]:
         held = fmt(r["heldout_psnr_vs_uncached"], ".2f") + _interval(r, "heldout_psnr_ci", ".2f")
-        lines.append(f"{r['role']:<15}{r['spec']:<36}{fmt(r['tuning_psnr'], '.2f'):>10}{fmt(r['tuning_speedup'], '.2f'):>8}"
+        lines.append(f"{r['role']:<15}{r['spec']:<{w}}{fmt(r['tuning_psnr'], '.2f'):>10}{fmt(r['tuning_speedup'], '.2f'):>8}"
                      f"{held:>24}{fmt(r['heldout_speedup'], '.2f'):>8}"
                      f"{fmt(r['heldout_macs_ratio'], '.3f'):>7}{fmt(r.get('heldout_fid'), '.2f'):>10}")
     first = result["heldout"][0]
