@@ -48,3 +48,25 @@ def test_bad_input_is_one_line(tmp_path, capsys, model_file, extra, message):
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
     assert not (tmp_path / "t").exists()
+
+
+def test_unmet_target_exits_1_and_says_so(tmp_path, capsys, model_file, monkeypatch):
+    from ditcache.tune import search as search_mod
+
+    def fake(loaded, config, specs, out, name, options):
+        return {s: {"speedup": 1.0 if s == "none" else 2.4 if name == "speed_model.json" else 2.0,
+                    "macs_ratio": 1.0 if s == "none" else 0.5} for s in specs}
+
+    monkeypatch.setattr(search_mod, "_timing", fake)
+    assert main(["tune", "--model", model_file, *BASE, "--target-speedup", "2.5", "--out", str(tmp_path / "t")]) == 1
+    text = capsys.readouterr().out
+    assert "target not met: no configuration reached 2.5x as measured; the fastest" in text
+    assert "nothing chosen, no artifact written" in text and "--policy tuned" not in text
+    assert "fastest " in text
+
+
+def test_table_shows_heldout_psnr_intervals(tmp_path, capsys, model_file):
+    assert main(["tune", "--model", model_file, *BASE, "--target-compute", "0.5", "--bootstrap", "100",
+                 "--out", str(tmp_path / "t")]) == 0
+    text = capsys.readouterr().out
+    assert "held PSNR [95% CI]" in text and "(paired bootstrap over the same held-out images)" in text

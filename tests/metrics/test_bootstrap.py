@@ -1,10 +1,12 @@
-"""Bootstrap intervals: each replicate is the FID of an explicit resample, intervals behave as stated."""
+"""Bootstrap intervals: each replicate is the FID (or PSNR) of an explicit resample, intervals behave as stated."""
 
 import numpy as np
 import pytest
 
-from ditcache.metrics.bootstrap import FIDBootstrap, centred_interval, draw_counts, paired_difference
+from ditcache.metrics.bootstrap import (FIDBootstrap, centred_interval, draw_counts, paired_difference, psnr_interval,
+                                       psnr_replicates)
 from ditcache.metrics.fid import features_to_stats, frechet_distance
+from ditcache.metrics.fidelity import psnr, squared_error
 
 
 def gaussian_set(seed: int, n: int, d: int, shift: float = 0.0) -> np.ndarray:
@@ -58,3 +60,56 @@ def test_paired_difference_sees_what_unpaired_noise_hides():
     assert (same.value, same.low, same.high) == (0.0, 0.0, 0.0) and not same.excludes_zero
     with pytest.raises(ValueError, match="paired"):
         paired_difference(1.0, reps_a, 1.0, reps_b[:10])
+
+
+def image_pair(seed: int, n: int = 40, noise: float = 4.0) -> tuple[np.ndarray, np.ndarray]:
+    """(cached, uncached) uint8-range images (N, 8, 8) differing by per-image noise of varying size."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (n, 8, 8)).astype(np.float64)
+    scale = noise * rng.uniform(0.2, 2.0, (n, 1, 1))
+    return np.clip(base + scale * rng.standard_normal(base.shape), 0, 255), base
+
+
+def test_psnr_replicate_is_the_psnr_of_the_resample():
+    cached, base = image_pair(4)
+    reps = psnr_replicates(squared_error(cached, base), replicates=3, seed=5)
+    for r, counts in zip(reps, draw_counts(len(base), 3, seed=5)):
+        idx = np.repeat(np.arange(len(base)), counts)  # the drawn images, duplicates included
+        assert r == pytest.approx(psnr(cached[idx], base[idx]))  # fidelity.psnr: PSNR of the pooled MSE
+
+
+def test_psnr_interval_is_deterministic_and_contains_the_estimate():
+    cached, base = image_pair(6)
+    mse = squared_error(cached, base)
+    iv, reps = psnr_interval(mse, replicates=300, seed=1)
+    again, reps_again = psnr_interval(mse, replicates=300, seed=1)
+    assert iv == again and np.array_equal(reps, reps_again)
+    assert iv.value == pytest.approx(psnr(cached, base))
+    assert iv.low < iv.value < iv.high
+    assert psnr_interval(mse, replicates=300, seed=2)[0] != iv  # the seed is what fixes it
+
+
+def test_paired_psnr_difference_of_a_configuration_with_itself_is_exactly_zero():
+    cached, base = image_pair(7)
+    iv, reps = psnr_interval(squared_error(cached, base), replicates=200)
+    same = paired_difference(iv.value, reps, iv.value, reps)
+    assert (same.value, same.low, same.high) == (0.0, 0.0, 0.0) and not same.excludes_zero
+
+
+def test_paired_psnr_difference_finds_a_small_consistent_gain():
+    # b is a with 10% less error on every image: its PSNR sits inside a's interval, the paired gain does not
+    cached, base = image_pair(8, n=60)
+    better = base + 0.9 * (cached - base)
+    a, reps_a = psnr_interval(squared_error(cached, base), replicates=300)
+    b, reps_b = psnr_interval(squared_error(better, base), replicates=300)
+    diff = paired_difference(b.value, reps_b, a.value, reps_a)
+    assert diff.value == pytest.approx(-20 * np.log10(0.9)) and diff.excludes_zero
+    assert a.low < b.value < a.high
+
+
+def test_identical_images_give_an_infinite_psnr_without_nan():
+    _, base = image_pair(9)
+    iv, reps = psnr_interval(squared_error(base, base), replicates=50)
+    assert (iv.value, iv.low, iv.high) == (np.inf, np.inf, np.inf)
+    diff = paired_difference(iv.value, reps, iv.value, reps)
+    assert (diff.value, diff.low, diff.high) == (0.0, 0.0, 0.0)

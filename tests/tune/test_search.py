@@ -8,7 +8,8 @@ import pytest
 from ditcache.models.loading import load_model, save_model
 from ditcache.sampling.generate import SampleConfig
 from ditcache.tune import search as search_mod
-from ditcache.tune.search import Evaluator, TuneOptions, choose, pareto, preset_steps, required_macs, tune
+from ditcache.tune.search import (Evaluator, TuneOptions, choose, fastest, pareto, preset_steps, required_macs,
+                                  tune)
 
 from ..conftest import tiny_dit
 
@@ -88,6 +89,14 @@ def test_speed_target_uses_the_measured_fixed_share(tmp_path, loaded, monkeypatc
         required_macs(loaded, CONFIG, tmp_path, options(target_compute=None, target_speedup=5.0))
 
 
+def test_time_model_is_not_sunk_by_one_slowed_repeat():
+    base = {"speedup": 1.0, "seconds_all": [67.0, 111.5, 105.2]}
+    probe = {"speedup": 1.18, "seconds_all": [70.0, 46.6, 108.8], "macs_ratio": 0.5}  # under heavy load
+    assert search_mod.probe_speedup(base, probe) == pytest.approx(67.0 / 46.6)
+    assert search_mod.probe_speedup(base, {**probe, "speedup": 1.6}) == 1.6
+    assert search_mod.probe_speedup({"speedup": 1.0}, {"speedup": 1.6}) == 1.6  # saved without repeats
+
+
 def test_choice_is_by_measured_speed_not_macs():
     rows = [{"spec": "a", "psnr_vs_uncached": 40.0, "compute_fraction": 0.5, "macs_ratio": 0.5},
             {"spec": "b", "psnr_vs_uncached": 30.0, "compute_fraction": 0.5, "macs_ratio": 0.5}]
@@ -95,8 +104,43 @@ def test_choice_is_by_measured_speed_not_macs():
     chosen, warning = choose(rows, timing, TuneOptions(target_speedup=2.0))
     assert chosen["spec"] == "b" and warning is None
     chosen, warning = choose(rows, timing, TuneOptions(target_speedup=3.0))
-    assert chosen["spec"] == "b" and "no candidate reached 3x" in warning
+    assert chosen is None  # never the fastest in the target's place
+    assert warning == "target not met: no configuration reached 3x as measured; the fastest, b, measured 2.10x"
+    assert fastest(rows, timing)["spec"] == "b"
     assert pareto(rows) == {"a"}
+
+
+def unreachable(monkeypatch, speedup=2.0):
+    """Timing where rm-50 measures 2.4x (so the model asks for few MACs) and every candidate ``speedup``."""
+    def fake(loaded, config, specs, out, name, options):
+        return {s: {"speedup": 1.0 if s == "none" else 2.4 if name == "speed_model.json" else speedup,
+                    "macs_ratio": 1.0 if s == "none" else 0.5} for s in specs}
+    monkeypatch.setattr(search_mod, "_timing", fake)
+
+
+def test_an_unmet_speed_target_chooses_nothing_and_says_so(tmp_path, loaded, monkeypatch):
+    unreachable(monkeypatch)
+    result = tune(loaded, CONFIG, tmp_path / "t", options(target_compute=None, target_speedup=2.5))
+    assert result["target_met"] is False and result["chosen"] is None and result["fastest"]
+    assert result["warning"].startswith("target not met: no configuration reached 2.5x")
+    assert result["heldout"][0]["role"] == "fastest" and result["heldout"][0]["spec"] == result["fastest"]
+    assert "artifact" not in result and not list((tmp_path / "t").glob("tuned-*"))
+    saved = json.loads((tmp_path / "t" / "result-target_speedup2.5.json").read_text())
+    assert saved["target_met"] is False
+
+
+def test_heldout_psnr_has_intervals_and_a_paired_difference(tmp_path, loaded):
+    result = tune(loaded, CONFIG, tmp_path / "t", options(bootstrap=200))
+    first = result["heldout"][0]
+    for r in result["heldout"]:
+        if r["heldout_psnr_vs_uncached"] is not None and np.isfinite(r["heldout_psnr_vs_uncached"]):
+            assert r["heldout_psnr_ci_low"] <= r["heldout_psnr_vs_uncached"] <= r["heldout_psnr_ci_high"]
+    assert first["heldout_psnr_diff_vs"] == result["heldout"][-1]["spec"] == result["best_preset"]
+    if len(result["heldout"]) == 1:  # the choice is the preset
+        assert (first["heldout_psnr_diff"], first["heldout_psnr_diff_ci_low"]) == (0.0, 0.0)
+    again = tune(loaded, CONFIG, tmp_path / "t", options(bootstrap=200))  # resumed: the same intervals
+    assert [{k: v for k, v in r.items() if "speedup" not in k} for r in again["heldout"]] == \
+        [{k: v for k, v in r.items() if "speedup" not in k} for r in result["heldout"]]
 
 
 def test_preset_steps_match_the_policies():

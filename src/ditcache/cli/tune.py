@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from ..metrics.bootstrap import REPLICATES
 from ..models.loading import load_model
@@ -18,8 +19,9 @@ def add_parser(sub) -> None:
                     "tuning set from identical noise, then hill-climb over reused-step sets ranked by the uncached "
                     "trajectory's per-step feature change, score by PSNR to the uncached samples, time the best "
                     "candidates on this device (interleaved repeats) and return the best configuration meeting the "
-                    "target as measured. The choice and the best preset are checked again on held-out noise "
-                    "(--heldout-seed). Writes OUT/tuned-<target> (use it with --policy tuned:path=...), "
+                    "target as measured (or say that none does: exit status 1, nothing chosen). The choice and the best "
+                    "preset are checked again on held-out noise (--heldout-seed): PSNR with 95%% bootstrap intervals "
+                    "and the paired interval of their difference. Writes OUT/tuned-<target> (use it with --policy tuned:path=...), "
                     "OUT/front-<target>.json/.png and OUT/result-<target>.json. Interrupt and rerun to resume: "
                     "every configuration is saved as it finishes.")
     add_model_args(p)
@@ -40,10 +42,10 @@ def add_parser(sub) -> None:
     h = p.add_argument_group("held-out check")
     h.add_argument("--heldout-seed", type=int, default=None, help="noise seed of the held-out set (default: seed + 1000)")
     h.add_argument("--heldout-samples", type=int, default=None, help="held-out images (default: --num-samples)")
-    h.add_argument("--fid", action="store_true", help="FID with 95%% bootstrap intervals on the held-out set")
+    h.add_argument("--fid", action="store_true", help="also FID with 95%% bootstrap intervals on the held-out set")
     h.add_argument("--reference", default="mnist", help="FID reference (as compare)")
     h.add_argument("--reference-limit", type=int, default=None, help="use only the first N reference images")
-    h.add_argument("--bootstrap", type=int, default=REPLICATES, help=f"FID bootstrap replicates (default: {REPLICATES})")
+    h.add_argument("--bootstrap", type=int, default=REPLICATES, help=f"bootstrap replicates of the held-out PSNR (and FID) intervals; 0: none (default: {REPLICATES})")
     p.add_argument("--out", default="runs/tune", help="folder for everything the search makes (resumes)")
     add_overwrite_arg(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -66,7 +68,7 @@ def run(args) -> int:
         print_json(result)
     else:
         print(summary(result))
-    return 0
+    return 0 if result.get("chosen") else 1  # a script must not take an unmet target for an answer
 
 
 def summary(result: dict) -> str:
@@ -75,19 +77,39 @@ def summary(result: dict) -> str:
              f"sampled on {result['tuning_samples']} tuning images (seed {result['tuning_seed']})"]
     lines += [f"note: {n}" for n in result["notes"]]
     if result.get("warning"):
-        lines.append(f"warning: {result['warning']}")
-    if not result.get("chosen"):
+        lines.append(result["warning"] if result["warning"].startswith("target not met") else
+                     f"warning: {result['warning']}")
+    if not result.get("heldout"):
         lines.append("no configuration found")
         return "\n".join(lines)
-    lines.append(f"chosen: {result['chosen']}")
-    lines.append(f"{'role':<15}{'config':<36}{'tune PSNR':>10}{'tune x':>8}{'held PSNR':>10}{'held x':>8}{'MACs':>7}"
-                 f"{'held FID':>10}")
+    if result.get("chosen"):
+        lines.append(f"chosen: {result['chosen']}")
+    else:
+        lines.append(f"nothing chosen, no artifact written; held-out check of the fastest: {result['fastest']}")
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    w = max([36] + [len(r["spec"]) + 2 for r in result["heldout"]])  # long step sets keep the columns aligned
+    lines.append(f"{'role':<15}{'config':<{w}}{'tune PSNR':>10}{'tune x':>8}{'held PSNR [95% CI]':>24}{'held x':>8}"
+                 f"{'MACs':>7}{'held FID':>10}")
     for r in result["heldout"]:
-        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-        lines.append(f"{r['role']:<15}{r['spec']:<36}{fmt(r['tuning_psnr'], '.2f'):>10}{fmt(r['tuning_speedup'], '.2f'):>8}"
-                     f"{fmt(r['heldout_psnr_vs_uncached'], '.2f'):>10}{fmt(r['heldout_speedup'], '.2f'):>8}"
+        held = fmt(r["heldout_psnr_vs_uncached"], ".2f") + _interval(r, "heldout_psnr_ci", ".2f")
+        lines.append(f"{r['role']:<15}{r['spec']:<{w}}{fmt(r['tuning_psnr'], '.2f'):>10}{fmt(r['tuning_speedup'], '.2f'):>8}"
+                     f"{held:>24}{fmt(r['heldout_speedup'], '.2f'):>8}"
                      f"{fmt(r['heldout_macs_ratio'], '.3f'):>7}{fmt(r.get('heldout_fid'), '.2f'):>10}")
-    lines.append(f"held-out: seed {result['heldout_seed']}, {result['heldout'][0]['heldout_samples']} images; "
+    first = result["heldout"][0]
+    if first.get("heldout_psnr_diff") is not None:
+        ci = _interval(first, "heldout_psnr_diff_ci", "+.2f")
+        sig = "" if first["heldout_psnr_diff_significant"] else " n.s." if ci else \
+            " (no interval: some resamples match uncached exactly)"
+        lines.append(f"held-out PSNR {first['role']} - {first['heldout_psnr_diff_vs']}: "
+                     f"{first['heldout_psnr_diff']:+.2f} dB{ci}{sig} (paired bootstrap over the same held-out images)")
+    lines.append(f"held-out: seed {result['heldout_seed']}, {first['heldout_samples']} images; "
                  "speed-ups are medians of interleaved repeats on this device")
-    lines.append(f"reuse it: --policy tuned:path={result['artifact']}  (or --cache '{result['chosen']}')")
+    if result.get("chosen"):
+        lines.append(f"reuse it: --policy tuned:path={result['artifact']}  (or --cache '{result['chosen']}')")
     return "\n".join(lines)
+
+
+def _interval(row: dict, prefix: str, f: str) -> str:
+    low, high = row.get(f"{prefix}_low"), row.get(f"{prefix}_high")
+    missing = low is None or high is None or math.isnan(low) or math.isnan(high)  # nan: no interval
+    return "" if missing else f" [{low:{f}}, {high:{f}}]"

@@ -1,4 +1,4 @@
-"""Bootstrap intervals for FID and for the FID difference of two sample sets drawn from the same noise.
+"""Bootstrap intervals for FID and PSNR, and for the difference of two sample sets drawn from the same noise.
 
 What varies: the samples. Each replicate draws n sample indices with replacement and recomputes FID
 of the drawn features against the *fixed* reference statistics (an ADM batch's statistics are
@@ -16,17 +16,23 @@ interval would over-correct into an interval for the infinite-sample FID. This o
 FID at this sample count varies with the draw of samples. A difference is significant at 95% when
 its interval excludes 0.
 
+PSNR to the uncached samples resamples the same way: replicate r is the PSNR of the pooled mean
+squared error of the drawn images (``fidelity.psnr``'s definition: one PSNR of the batch's MSE, not a
+mean of per-image PSNRs), with the same draws as FID's, so PSNR differences pair as FID's do.
+
 Cost: with n <= D (500 samples, D = 2048) each replicate's trace term comes from the eigenvalues of
 an n x n matrix (below), milliseconds; with n > D it is a D x D eigenproblem, seconds on a CPU.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from ditcache.metrics.fid import features_to_stats, frechet_distance, psd_sqrt
+from ditcache.metrics.fidelity import psnr_of_mse
 
 REPLICATES = 1000
 LEVEL = 0.95
@@ -137,9 +143,40 @@ class FIDBootstrap:
         return centred_interval(self.fid(feats) if value is None else value, reps, level), reps
 
 
+def psnr_replicates(mse: np.ndarray, replicates: int = REPLICATES, seed: int = SEED,
+                    data_range: float = 255.0) -> np.ndarray:
+    """Replicate PSNRs (R,) from per-image mean squared errors (N,) (``fidelity.squared_error``): the
+    PSNR of each resample's pooled MSE, drawn as ``FIDBootstrap`` draws (same seed and N, same indices)."""
+    mse = np.asarray(mse, np.float64)
+    if mse.ndim != 1 or len(mse) < 2:
+        raise ValueError(f"need per-image errors (N >= 2,) to bootstrap PSNR, got {mse.shape}")
+    if replicates < 2:
+        raise ValueError(f"need at least 2 bootstrap replicates, got {replicates}")
+    counts = np.stack(list(draw_counts(len(mse), replicates, seed)))  # (R, N)
+    return psnr_of_mse(counts @ mse / len(mse), data_range)  # (R,)
+
+
+def psnr_interval(mse: np.ndarray, value: float | None = None, replicates: int = REPLICATES, seed: int = SEED,
+                  level: float = LEVEL) -> tuple[Interval, np.ndarray]:
+    """PSNR of per-image errors (N,) (``value`` if already computed) with its interval, and the
+    replicates (R,) for paired differences. Identical images (inf dB) give [inf, inf]."""
+    reps = psnr_replicates(mse, replicates, seed)
+    value = float(psnr_of_mse(np.mean(mse))) if value is None else float(value)
+    if not np.all(np.isfinite(reps)):  # some resamples hold identical images only (inf dB): percentiles
+        low = value if not np.isfinite(value) else float(np.quantile(reps, (1.0 - level) / 2.0))
+        return Interval(value, low, math.inf), reps
+    return centred_interval(value, reps, level), reps
+
+
 def paired_difference(value_a: float, reps_a: np.ndarray, value_b: float, reps_b: np.ndarray,
                       level: float = LEVEL) -> Interval:
-    """Interval of FID_a - FID_b from replicates drawn with the same indices (same seed, same N)."""
+    """Interval of a - b (FID or PSNR) from replicates drawn with the same indices (same seed, same N)."""
     if np.shape(reps_a) != np.shape(reps_b):
         raise ValueError(f"paired replicates differ in number: {np.shape(reps_a)} vs {np.shape(reps_b)}")
-    return centred_interval(value_a - value_b, np.asarray(reps_a) - np.asarray(reps_b), level)
+    reps_a, reps_b = np.asarray(reps_a, np.float64), np.asarray(reps_b, np.float64)
+    with np.errstate(invalid="ignore"):
+        diff = np.where(reps_a == reps_b, 0.0, reps_a - reps_b)  # equal infinities (identical images) differ by 0
+        value = 0.0 if value_a == value_b else value_a - value_b
+    if not np.all(np.isfinite(diff)) or not math.isfinite(value):  # one side identical to uncached somewhere
+        return Interval(float(value), math.nan, math.nan)
+    return centred_interval(value, diff, level)

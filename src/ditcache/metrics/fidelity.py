@@ -32,11 +32,21 @@ def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 255.0, per_image: boo
     By default one number from the mean squared error over the whole batch (so one identical image
     cannot make the batch inf); ``per_image=True`` gives an (N,) array instead.
     """
+    mse = squared_error(a, b)  # (N,)
+    return psnr_of_mse(mse if per_image else mse.mean(), data_range)
+
+
+def squared_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Mean squared pixel error of each image pair: (N,). Every image has the same pixel count, so
+    their mean is the batch's mean squared error."""
     a, b = _pair(a, b)
-    axes = tuple(range(1, a.ndim)) if per_image else None
-    mse = np.mean((a - b) ** 2, axis=axes)
+    return np.mean((a - b) ** 2, axis=tuple(range(1, a.ndim)))
+
+
+def psnr_of_mse(mse: float | np.ndarray, data_range: float = 255.0) -> float | np.ndarray:
+    """PSNR in dB of a mean squared error (scalar or array); inf where it is 0."""
     with np.errstate(divide="ignore"):
-        return 10.0 * np.log10(data_range**2 / mse)
+        return 10.0 * np.log10(data_range**2 / np.asarray(mse, np.float64))
 
 
 def _gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:

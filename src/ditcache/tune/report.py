@@ -14,8 +14,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..bench.compare import CompareOptions, compare
+from ..bench.compare import BASELINE, CompareOptions, compare, slug
 from ..calibration.artifact import Artifact, ArtifactKey, save_artifact
+from ..metrics.bootstrap import paired_difference, psnr_interval
+from ..metrics.fidelity import squared_error
 from ..policies.schedule import write_json_atomic
 from ..strict_json import dumps
 
@@ -26,11 +28,14 @@ HELDOUT_KEYS = ("spec", "compute_fraction", "macs_ratio", "psnr_vs_uncached", "s
 
 
 def heldout_rows(loaded, config, seed: int, chosen: dict, best_preset: Optional[dict], timing: dict, out: Path,
-                 options) -> list[dict]:
-    """The chosen configuration and the best preset on held-out noise (``compare``), beside their tuning numbers."""
+                 options, met: bool = True) -> list[dict]:
+    """The chosen configuration and the best preset on held-out noise (``compare``), beside their tuning
+    numbers, with PSNR intervals (``add_psnr_intervals``). ``met=False``: the target was not met, and
+    ``chosen`` / ``best_preset`` are the fastest configuration and preset measured."""
     held = dataclasses.replace(config, seed=seed, num_samples=options.heldout_samples or config.num_samples)
     specs = list(dict.fromkeys([chosen["spec"]] + ([best_preset["spec"]] if best_preset else [])))
-    rows = compare(loaded, held, specs, out / f"heldout-seed{seed}-n{held.num_samples}",
+    folder = out / f"heldout-seed{seed}-n{held.num_samples}"
+    rows = compare(loaded, held, specs, folder,
                    CompareOptions(fid=options.fid, reference=options.reference, reference_limit=options.reference_limit,
                                   classifier=False, device=options.device, progress=options.progress,
                                   repeats=options.repeats, bootstrap=options.bootstrap))
@@ -38,14 +43,38 @@ def heldout_rows(loaded, config, seed: int, chosen: dict, best_preset: Optional[
     report = []
     for row in rows[1:]:
         t = tuning[row["spec"]]
-        report.append({"spec": row["spec"], "role": _role(row["spec"], chosen, best_preset),
+        report.append({"spec": row["spec"], "role": _role(row["spec"], chosen, best_preset, met),
                        "tuning_psnr": t["psnr_vs_uncached"], "tuning_speedup": timing.get(row["spec"], {}).get("speedup"),
                        **{f"heldout_{k}": row.get(k) for k in HELDOUT_KEYS if k != "spec"},
                        "heldout_samples": held.num_samples})
+    if options.bootstrap:
+        add_psnr_intervals(report, folder, options.bootstrap, paired=best_preset is not None)
     return report
 
 
-def _role(spec: str, chosen: dict, best_preset: Optional[dict]) -> str:
+def add_psnr_intervals(report: list[dict], folder: Path, replicates: int, paired: bool = True) -> None:
+    """95% bootstrap intervals of held-out PSNR to uncached for every row, and (``paired``) the paired
+    interval of PSNR(first row) - PSNR(last row): chosen - best preset, same noise and same resampled
+    images (``metrics/bootstrap.py``); exactly 0 [0, 0] when the chosen configuration is the preset."""
+    with np.load(folder / slug(BASELINE) / "samples.npz") as data:
+        base = data["arr_0"]  # (N, H, W) uint8, uncached from the same held-out noise
+    reps = []
+    for row in report:
+        with np.load(folder / slug(row["spec"]) / "samples.npz") as data:
+            mse = squared_error(data["arr_0"], base)  # (N,)
+        interval, r = psnr_interval(mse, row["heldout_psnr_vs_uncached"], replicates)
+        row.update(heldout_psnr_ci_low=interval.low, heldout_psnr_ci_high=interval.high, psnr_bootstrap=replicates)
+        reps.append((interval.value, r))
+    if paired and report:
+        diff = paired_difference(*reps[0], *reps[-1])
+        report[0].update(heldout_psnr_diff=diff.value, heldout_psnr_diff_ci_low=diff.low,
+                         heldout_psnr_diff_ci_high=diff.high, heldout_psnr_diff_vs=report[-1]["spec"],
+                         heldout_psnr_diff_significant=diff.excludes_zero)
+
+
+def _role(spec: str, chosen: dict, best_preset: Optional[dict], met: bool = True) -> str:
+    if not met:
+        return "fastest" if spec == chosen["spec"] else "fastest preset"
     if spec != chosen["spec"]:
         return "best preset"
     return "chosen=preset" if best_preset and best_preset["spec"] == spec else "chosen"
