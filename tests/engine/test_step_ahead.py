@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ditcache.calibration.prior import extract_prior
-from ditcache.correctors import Corrector
+from ditcache.correctors import Corrector, eoc, goc
 from ditcache.correctors.eoc import EocConfig, EocCorrector
 from ditcache.correctors.forecast import ForecastConfig, ForecastCorrector
 from ditcache.correctors.goc import GocConfig, GocCorrector
@@ -51,8 +51,12 @@ def sample_with(loaded, policy, correctors, ahead: bool, batch=2):
         return outs, engine.report(), notes
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_a_whole_run_equals_the_per_call_correctors_bit_for_bit(loaded, prior, case):
+def test_a_whole_run_equals_the_per_call_correctors_bit_for_bit(loaded, prior, case, fused, monkeypatch):
+    if fused:  # the torch._foreach_* path a GPU takes, here on the CPU
+        monkeypatch.setattr(goc, "FUSED_DEVICES", ("cuda", "cpu"))
+        monkeypatch.setattr(eoc, "FUSED_DEVICES", ("cuda", "cpu"))
     policy, correctors = CASES[case]
     ref, ref_report, ref_notes = sample_with(loaded, policy, correctors(prior), ahead=False)
     outs, report, notes = sample_with(loaded, policy, correctors(prior), ahead=True)

@@ -51,6 +51,7 @@ from ..types import BRANCHES, Kind, RunInfo, Site, StepInfo
 from .base import Corrector, register_corrector
 
 MODES = ("mul", "add")
+FUSED_DEVICES = ("cuda",)  # where correct_step fuses a step's sites into one torch._foreach_mul / _add
 BRANCH_CHOICES = {"both": ("attn", "mlp"), "attn": ("attn",), "mlp": ("mlp",)}
 
 
@@ -149,8 +150,10 @@ class EocCorrector(Corrector):
         return cached if factor is None else apply_factor(cached, factor, self.config.mode)
 
     def correct_step(self, step: StepInfo, sites: list[Site], features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Every corrected site of the step in one fused product (one kernel on a GPU): the same
-        operation per element as ``apply_factor``."""
+        """Every corrected site of the step: on a GPU in one fused product (``torch._foreach_mul``),
+        elsewhere site by site (``correct``); the same operation per element either way."""
+        if not features or features[0].device.type not in FUSED_DEVICES:
+            return super().correct_step(step, sites, features)
         out = list(features)
         picked, xs, fs = [], [], []
         for i, (site, cached) in enumerate(zip(sites, features)):
