@@ -1,6 +1,7 @@
 """Step-ahead correction: with a static schedule the engine corrects a whole step at its start
-(``Corrector.correct_step``, fused ``torch._foreach_*`` work in GOC and EOC). Whole sampling runs
-equal the per-call path (``step_ahead = False``, the correctors as they were) bit for bit."""
+(``Corrector.correct_step``, fused ``torch._foreach_*`` work in GOC and EOC on a GPU). Whole sampling
+runs equal the per-call path (``step_ahead = False``, the correctors as they were) bit for bit. On the
+CPU the engine takes the per-call path by default; these tests force step-ahead with True."""
 
 import pytest
 import torch
@@ -91,6 +92,16 @@ def test_a_static_schedule_is_corrected_once_per_step_at_its_start(loaded):
 def test_a_dynamic_policy_keeps_the_per_call_path(loaded):
     counting = _Counting()
     engine = CacheEngine(loaded.module, make_policy("toca"), [counting])
+    engine.step_ahead = True
+    with engine:
+        run_steps(loaded, engine)
+    assert counting.steps == [] and counting.calls > 0
+
+
+def test_on_the_cpu_the_default_is_the_per_call_path(loaded):
+    counting = _Counting()
+    engine = CacheEngine(loaded.module, make_policy("rule", preset="rm-50"), [counting])
+    assert engine.step_ahead is None
     with engine:
         run_steps(loaded, engine)
     assert counting.steps == [] and counting.calls > 0

@@ -63,9 +63,8 @@ class StaticCompileEngine(CacheEngine):
         refused = [c.name for c in self.correctors if not c.ahead]
         if refused:
             raise ValueError(NO_CORRECTORS.format(names=", ".join(refused)))
+        self.step_ahead = True  # the only way this engine runs correctors, on every device
         super().begin_run(info)
-        # the only way this engine runs correctors (a schedule of none: nothing is ever reused)
-        self._ahead_on = bool(self.correctors) and self.policy.schedule() is not None
         self._corrected.clear()
         self._seen.clear()
         self._plans: set[str] = set()  # the distinct schedule rows of this run
