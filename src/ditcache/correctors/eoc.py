@@ -80,7 +80,9 @@ class PlanEntry:
 
 def trend_factor(trend: torch.Tensor, gamma: float, mode: str) -> torch.Tensor:
     """What eq. 7 applies to the cached feature: 1 + gamma T ("mul") or gamma T ("add"), (H, N, C)."""
-    return 1 + gamma * trend if mode == "mul" else gamma * trend  # (H, N, C)
+    # one new tensor, updated in place: the same operations in the same order as 1 + gamma * trend
+    factor = torch.mul(trend, gamma)  # (H, N, C)
+    return factor.add_(1) if mode == "mul" else factor
 
 
 def apply_factor(cached: torch.Tensor, factor: torch.Tensor, mode: str) -> torch.Tensor:
