@@ -14,6 +14,10 @@ target is stated for: RM-50 alone, with GOC, with EOC and with both.
     PYTHONPATH=src python benchmarks/corrector_share.py --which xl --xl-depth 4     # XL blocks, shorter stack
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/corrector_share.py   # one thread
 
+With --step-ahead each corrector row runs twice, interleaved: per call (the CPU default) and with
+the whole step corrected at its start (``engine.step_ahead = True``, the CUDA default and the
+compiled engine's way); rows are named SPEC|per-call and SPEC|step-ahead.
+
 It prints the load average before and after: on a machine shared with other jobs, parallel
 element-wise kernels wait for a descheduled thread and the share moves with the load.
 """
@@ -24,10 +28,14 @@ import tempfile
 
 import torch
 
-from ditcache.bench.speed import random_dit, speed_table, time_policies
+from ditcache.bench.compare import parse_cache
+from ditcache.bench.speed import random_dit, round_robin, speed_table, time_policies
 from ditcache.calibration.prior import extract_prior
+from ditcache.engine import CacheEngine
 from ditcache.models.loading import load_model
-from ditcache.sampling.generate import SampleConfig
+from ditcache.sampling.generate import SampleConfig, generate
+
+PATHS = {"per-call": False, "step-ahead": True}
 
 
 def load() -> str:
@@ -58,18 +66,35 @@ def xl_job(args):
     return f"DiT-XL/2 shape (random weights, depth {args.xl_depth}), DDIM-8, 2 rows", loaded, config, specs
 
 
+def paired(specs: list) -> list:
+    """Every corrector spec twice, SPEC|per-call and SPEC|step-ahead; the reference row stays first."""
+    return [specs[0]] + [f"{spec}|{path}" for spec in specs[1:] for path in PATHS]
+
+
+def run_path(loaded, config, name: str):
+    spec, _, path = name.partition("|")
+    policy, correctors = parse_cache(spec)
+    with CacheEngine(loaded.module, policy, correctors) as engine:
+        engine.step_ahead = PATHS.get(path)  # None (the default) for the reference row
+        return generate(loaded, config, engine=engine)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--which", default="default,xl", help="default, xl or both (default: default,xl)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--prior", default=None, help="an EOC prior of the default model (DDIM-20, cfg 1.5)")
     p.add_argument("--xl-depth", type=int, default=28, help="blocks of the XL model (default 28, DiT-XL/2's)")
+    p.add_argument("--step-ahead", action="store_true", help="time each corrector per call and step-ahead, interleaved")
     args = p.parse_args()
     jobs = {"default": default_job, "xl": xl_job}
     for which in args.which.split(","):
         title, loaded, config, specs = jobs[which](args)
         print(f"{title}; {torch.get_num_threads()} threads; load average before: {load()}", flush=True)
-        rows = time_policies(loaded, config, specs, args.repeats, progress=False)
+        if args.step_ahead:
+            rows = round_robin(lambda spec: run_path(loaded, config, spec), paired(specs), args.repeats, progress=False)
+        else:
+            rows = time_policies(loaded, config, specs, args.repeats, progress=False)
         print(speed_table(rows))
         print(f"load average after: {load()}\n", flush=True)
 
