@@ -17,15 +17,15 @@ and, for a schedule held as a numpy array, ``bool()`` of a traced value (a graph
 
 Correctors (EOC, GOC, forecast: every one with ``Corrector.ahead``) run on the host, outside the
 traced forward: at ``begin_step`` the engine first hands them what the previous step used
-(``observe``, in install order), then makes the corrected feature of every reused site in one fused
-call per corrector (``correct_step``). A site whose feature a corrector changed is "x" in the plan
+(``observe``, in install order), then makes the corrected feature of every reused site in one call
+per corrector (``correct_step``; GOC and EOC fuse it into ``torch._foreach_*`` kernels on CUDA). A site whose feature a corrector changed is "x" in the plan
 and its wrapper returns the corrected tensor; "r" (reused as stored) and "c" stay as before. The
 bound on compiled variants is then one per distinct plan (with GOC on rm-50: computed, reused plain,
 reused corrected, so 3), plus the first step's, whose store is still empty.
 
 Features and outputs equal the eager engine's bit for bit with ``backend="eager"`` and
-``"aot_eager"`` (tests/engine/test_compiled.py); inductor reorders float sums like any fused kernel
-does.
+``"aot_eager"``, correctors included (tests/engine/test_compiled.py, test_compiled_correctors.py);
+inductor reorders float sums like any fused kernel does.
 """
 
 from __future__ import annotations
