@@ -31,7 +31,7 @@ from .speed import BARE, SpeedRow, random_dit, round_robin
 MODES = ("eager", "compiled", "graphs")
 GPU_BATCHES = (2, 16, 64)  # model rows per call, both CFG halves
 GPU_DTYPES = ("float32", "bfloat16")
-GPU_SPECS = (BARE, "none", "rule:preset=rm-50", "rule:preset=rm-50+goc", "fora:interval=2", "fora:interval=3")
+GPU_SPECS = (BARE, "none", "rule:preset=rm-50", "fora:interval=2", "fora:interval=3")
 NEEDS_CUDA = "bench --preset gpu needs a CUDA device (torch.cuda.is_available() is False here); run it where a GPU is lent"
 
 
