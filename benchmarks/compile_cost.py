@@ -22,7 +22,8 @@ from ditcache.bench.compare import parse_cache
 torch.set_num_threads(1)
 dynamo.config.cache_size_limit = 64
 STEPS = 10
-for engine_cls, spec in [(StaticCompileEngine, "fora:interval=3"), (CacheEngine, "fora:interval=3"),
+for engine_cls, spec in [(StaticCompileEngine, "fora:interval=3"), (StaticCompileEngine, "fora:interval=3+goc"),
+                         (StaticCompileEngine, "fora:interval=3+forecast"), (CacheEngine, "fora:interval=3"),
                          (CacheEngine, "fora:interval=3+goc"), (CacheEngine, "toca"), (CacheEngine, "duca")]:
     dynamo.reset(); counters.clear()
     m = tiny_dit()
@@ -36,6 +37,7 @@ for engine_cls, spec in [(StaticCompileEngine, "fora:interval=3"), (CacheEngine,
     except Exception as e:
         err = f" error: {str(e)[:120]}"
     breaks = sum(counters["graph_break"].values())
-    print(f"{engine_cls.__name__:20s} {spec:22s} steps {STEPS}: compiled graphs {cc.frame_count}, graph breaks {breaks}, "
-          f"unique break reasons {len(counters['graph_break'])}{err}")
+    plans = f", distinct step plans {eng.variants}" if isinstance(eng, StaticCompileEngine) else ""
+    print(f"{engine_cls.__name__:20s} {spec:26s} steps {STEPS}: compiled graphs {cc.frame_count}, graph breaks {breaks}, "
+          f"unique break reasons {len(counters['graph_break'])}{plans}{err}")
     eng.remove()

@@ -20,13 +20,13 @@ def fresh_dynamo():
 
 def test_every_mode_runs_each_cache_and_matches_eager_images():
     config = SampleConfig(num_samples=2, batch_size=2, steps=4, cfg_scale=1.5)
-    specs = ("bare", "fora:interval=2", "rule:steps=1/3")
+    specs = ("bare", "fora:interval=2", "fora:interval=2+goc", "rule:steps=1/3")
     rows = time_modes(tiny_loaded(), config, specs, MODES, repeats=1, device="cpu", backend="aot_eager",
                       progress=False)
     assert [(mode, row.spec) for mode, row, _ in rows] == [(m, s) for m in MODES for s in specs]
     for mode, row, diff in rows:
         assert diff == 0  # the same images as the eager engine
-        expected = {"bare": 1.0, "fora:interval=2": 3 / 4, "rule:steps=1/3": 2 / 4}[row.spec]
+        expected = {"bare": 1.0, "fora:interval=2": 3 / 4, "fora:interval=2+goc": 3 / 4, "rule:steps=1/3": 2 / 4}[row.spec]
         assert row.compute_fraction == pytest.approx(expected)  # counted from the plan when compiled
     assert rows[0][1].speedup == 1.0  # the bare eager run is the reference
     table = gpu_table([GpuRow(4, "float32", m, r, d) for m, r, d in rows], 1)

@@ -106,6 +106,6 @@ def test_dynamic_policies_and_correctors_are_refused_with_one_line(dit):
         trajectory(dit, engine, steps=2)
     engine.remove()
     engine = StaticCompileEngine(dit, make_policy("fora", interval=2), [Corrector()]).install()
-    with pytest.raises(ValueError, match="does not run correctors"):
+    with pytest.raises(ValueError, match="runs only correctors that can correct a step at its start"):
         trajectory(dit, engine, steps=2)
     engine.remove()

@@ -30,7 +30,7 @@ ABOVE_BOUND = 1.02  # a median speed-up more than 2% above 1 / macs_ratio cannot
 DEFAULT_SPECS = (BARE, "none", "rule:preset=rm-25", "rule:preset=rm-50", "fora:interval=2", "fora:interval=3")
 
 
-def random_dit(name: str = "DiT-XL/2", seed: int = 0) -> LoadedModel:
+def random_dit(name: str = "DiT-XL/2", seed: int = 0, **overrides) -> LoadedModel:
     """An official-size DiT with random weights (no VAE: latents are returned as they are).
 
     Speed does not depend on the weights' values, so this times DiT-XL/2 exactly where its
@@ -38,7 +38,7 @@ def random_dit(name: str = "DiT-XL/2", seed: int = 0) -> LoadedModel:
     so the gates are not all zero and every sub-layer's output is a realistic tensor.
     """
     torch.manual_seed(seed)
-    module = build_dit(name).eval()
+    module = build_dit(name, **overrides).eval()  # overrides: e.g. depth=4 for a shorter stack of XL blocks
     with torch.no_grad():
         for n, p in module.named_parameters():
             if "adaLN" in n or "final_layer.linear" in n:

@@ -3,6 +3,12 @@
 Correctors (EOC's trend multiply, GOC's gradient extrapolation) compose with any policy. The
 engine calls ``correct`` only on REUSE, and ``observe`` after every site call with the feature the
 model actually used, so a corrector can keep its own history (GOC's gradient queue).
+
+Step-ahead correction: with a static schedule the engine knows at the start of a step which sites
+reuse. A corrector whose ``correct`` at step t reads only what ``observe`` saw at steps before t
+(``ahead = True``: EOC, GOC, forecast) is asked once per step, at its start, for every reused site
+(``correct_step``), and may fuse the element-wise work of all of them (``torch._foreach_*``). The
+compiled engine runs correctors only this way, outside the traced forward.
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ from ..types import Kind, RunInfo, Site, StepInfo
 
 class Corrector:
     name = "identity"
+    # True when ``correct`` at step t depends only on what ``observe`` saw at steps < t (never on
+    # another site of the same step): the engine may then correct a whole step at its start
+    ahead = False
 
     def bind(self, schedule) -> None:
         """Called by the engine before ``reset``: the policy's static ``Schedule`` for the run, or None
@@ -27,6 +36,11 @@ class Corrector:
 
     def correct(self, step: StepInfo, site: Site, cached: torch.Tensor) -> torch.Tensor:
         return cached
+
+    def correct_step(self, step: StepInfo, sites: list[Site], features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The corrected features of all ``sites`` reused at ``step``, in install order; ``features``
+        are the stored ones (or the previous corrector's). Only called when ``ahead`` is True."""
+        return [self.correct(step, site, feature) for site, feature in zip(sites, features)]
 
     def observe(self, step: StepInfo, site: Site, kind: Kind, used: torch.Tensor) -> None:
         """Sees the feature used at a site, whether computed, partially computed or reused."""

@@ -51,6 +51,7 @@ from ..types import BRANCHES, Kind, RunInfo, Site, StepInfo
 from .base import Corrector, register_corrector
 
 MODES = ("mul", "add")
+FUSED_DEVICES = ("cuda",)  # where correct_step fuses a step's sites into one torch._foreach_mul / _add
 BRANCH_CHOICES = {"both": ("attn", "mlp"), "attn": ("attn",), "mlp": ("mlp",)}
 
 
@@ -79,7 +80,9 @@ class PlanEntry:
 
 def trend_factor(trend: torch.Tensor, gamma: float, mode: str) -> torch.Tensor:
     """What eq. 7 applies to the cached feature: 1 + gamma T ("mul") or gamma T ("add"), (H, N, C)."""
-    return 1 + gamma * trend if mode == "mul" else gamma * trend  # (H, N, C)
+    # one new tensor, updated in place: the same operations in the same order as 1 + gamma * trend
+    factor = torch.mul(trend, gamma)  # (H, N, C)
+    return factor.add_(1) if mode == "mul" else factor
 
 
 def apply_factor(cached: torch.Tensor, factor: torch.Tensor, mode: str) -> torch.Tensor:
@@ -100,6 +103,7 @@ def apply_trend(cached: torch.Tensor, trend: torch.Tensor, gamma: float, mode: s
 
 class EocCorrector(Corrector):
     name = "eoc"
+    ahead = True  # reads the steps computed before this one, and the prior
 
     def __init__(self, config: EocConfig):
         if not config.prior:
@@ -144,11 +148,39 @@ class EocCorrector(Corrector):
             self._computed.setdefault(site, []).append(step.index)
 
     def correct(self, step: StepInfo, site: Site, cached: torch.Tensor) -> torch.Tensor:
+        factor = self._factor(step, site, cached)
+        return cached if factor is None else apply_factor(cached, factor, self.config.mode)
+
+    def correct_step(self, step: StepInfo, sites: list[Site], features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Every corrected site of the step: on a GPU in one fused product (``torch._foreach_mul``),
+        elsewhere site by site (``correct``); the same operation per element either way."""
+        if not features or features[0].device.type not in FUSED_DEVICES:
+            return super().correct_step(step, sites, features)
+        out = list(features)
+        picked, xs, fs = [], [], []
+        for i, (site, cached) in enumerate(zip(sites, features)):
+            factor = self._factor(step, site, cached)  # (H, N, C) or None
+            if factor is None:
+                continue
+            halves, rows = factor.shape[0], cached.shape[0]
+            if rows % halves:
+                return super().correct_step(step, sites, features)  # apply_factor names the mismatch
+            picked.append(i)
+            xs.append(cached.reshape(halves, rows // halves, *cached.shape[1:]).float())  # (H, B, N, C)
+            fs.append(factor.to(cached.device).unsqueeze(1))  # (H, 1, N, C)
+        if picked:
+            made = torch._foreach_mul(xs, fs) if self.config.mode == "mul" else torch._foreach_add(xs, fs)
+            for i, x in zip(picked, made):
+                out[i] = x.reshape(features[i].shape).to(features[i].dtype)  # (H*B, N, C)
+        return out
+
+    def _factor(self, step: StepInfo, site: Site, cached: torch.Tensor) -> Optional[torch.Tensor]:
+        """The eq. 7 factor (H, N, C) for ``site`` at ``step``, or None where EOC leaves it alone."""
         if site.is_trunk or site.branch.value not in self.branches:
-            return cached
+            return None
         since = {b: self._last_before(Site(site.block, b), step.index) for b in BRANCHES}
         if not self._decide(step.index, site.block, since)[1]:
-            return cached
+            return None
         if self.prior.means["attn"].device != cached.device:
             self.prior.to(cached.device)
             self._factors.clear()  # made on the old device
@@ -159,7 +191,7 @@ class EocCorrector(Corrector):
             # batches and runs then spend one element-wise pass, the product itself, per correction
             factor = trend_factor(self.prior.trend(*key), self.gamma(site, step.index), self.config.mode)  # (H, N, C)
             self._factors[key] = factor
-        return apply_factor(cached, factor, self.config.mode)
+        return factor
 
     def gamma(self, site: Site, step: int) -> float:
         """The weight used at a site and step: the config's, or the fitted one."""

@@ -86,6 +86,7 @@ def newton_increment(points: list[tuple[float, torch.Tensor]], t: float) -> torc
 
 class ForecastCorrector(Corrector):
     name = "forecast"
+    ahead = True  # reads its history as of the end of the previous step
 
     def __init__(self, config: ForecastConfig):
         if isinstance(config.order, bool) or not isinstance(config.order, int) or not 0 <= config.order <= 4:

@@ -15,42 +15,58 @@ and, for a schedule held as a numpy array, ``bool()`` of a traced value (a graph
   with the batch the wrappers recorded: the same figures the eager engine counts, for a sampler
   that calls the model once per step (a CFG batch is one call), as every sampler here does.
 
-Correctors are not supported here (their per-step Python state reads the step index); the eager
-engine runs them. Features and outputs equal the eager engine's bit for bit with ``backend="eager"``
-and ``"aot_eager"`` (tests/engine/test_compiled.py); inductor reorders float sums like any fused
-kernel does.
+Correctors (EOC, GOC, forecast: every one with ``Corrector.ahead``) run on the host, outside the
+traced forward: at ``begin_step`` the engine first hands them what the previous step used
+(``observe``, in install order), then makes the corrected feature of every reused site in one call
+per corrector (``correct_step``; GOC and EOC fuse it into ``torch._foreach_*`` kernels on CUDA). A site whose feature a corrector changed is "x" in the plan
+and its wrapper returns the corrected tensor; "r" (reused as stored) and "c" stay as before. The
+bound on compiled variants is then one per distinct plan (with GOC on rm-50: computed, reused plain,
+reused corrected, so 3), plus the first step's, whose store is still empty.
+
+Features and outputs equal the eager engine's bit for bit with ``backend="eager"`` and
+``"aot_eager"``, correctors included (tests/engine/test_compiled.py, test_compiled_correctors.py);
+inductor reorders float sums like any fused kernel does.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import torch
 from torch import nn
 
 from ..policies.static import StaticPolicy
-from ..types import RunInfo, Site, StepInfo
+from ..types import Kind, RunInfo, Site, StepInfo
 from .engine import CacheEngine
 
 NEEDS_STATIC = "compiled caching needs a static policy (none, fora, rule, l2c); {name!r} decides as it goes: run it eagerly"
-NO_CORRECTORS = "compiled caching does not run correctors yet; run {names} with the eager engine"
+NO_CORRECTORS = ("compiled caching runs only correctors that can correct a step at its start; run {names} "
+                 "with the eager engine")
 
 
 class StaticCompileEngine(CacheEngine):
     """A ``CacheEngine`` whose wrappers are traceable by dynamo for static schedules."""
 
-    _plan: Optional[str] = None  # the current step's row ("c"/"r" per site in install order); None outside a run
+    _plan: Optional[str] = None  # the current step's row ("c"/"r"/"x" per site in install order); None outside a run
 
     def install(self) -> "StaticCompileEngine":
         self._order: list[Site] = []  # the sites in the order their wrappers were made
+        # one dict object each for the engine's life (dynamo guards on them), cleared, never replaced
+        self._corrected: dict[Site, torch.Tensor] = {}  # this step's "x" sites: never a stored tensor
+        self._seen: dict[Site, torch.Tensor] = {}  # computed features of sites the store does not keep
         return super().install()
 
     def begin_run(self, info: RunInfo) -> None:
         if not isinstance(self.policy, StaticPolicy) and self.policy.name != "none":
             raise ValueError(NEEDS_STATIC.format(name=self.policy.name))
-        if self.correctors:
-            raise ValueError(NO_CORRECTORS.format(names=", ".join(c.name for c in self.correctors)))
+        refused = [c.name for c in self.correctors if not c.ahead]
+        if refused:
+            raise ValueError(NO_CORRECTORS.format(names=", ".join(refused)))
+        self.step_ahead = True  # the only way this engine runs correctors, on every device
         super().begin_run(info)
+        self._corrected.clear()
+        self._seen.clear()
         self._plans: set[str] = set()  # the distinct schedule rows of this run
         self._plan = None
         self._pending: Optional[tuple[StepInfo, str]] = None  # the step still to count
@@ -58,12 +74,16 @@ class StaticCompileEngine(CacheEngine):
 
     def begin_step(self, step: StepInfo) -> None:
         self._flush()
-        super().begin_step(step)
+        super().begin_step(step)  # with correctors: the step's corrected features, into _ahead
         schedule = self.policy.schedule()
         reused = set(schedule.cached_sites(step.index)) if schedule is not None else set()
-        # the row as a string, "r" for a reused site and "c" for a computed one, in install order:
-        # dynamo guards on a string's value exactly, so each distinct row is one compiled variant
-        self._plan = "".join("r" if site in reused else "c" for site in self._order)
+        # a dict of its own for the changed features, so no graph input is also a stored tensor
+        self._corrected.clear()
+        self._corrected.update((site, f) for site, f in self._ahead.items() if f is not self.store.get(site))
+        self._ahead.clear()
+        # the row as a string, "c" computed, "r" reused as stored, "x" reused corrected, in install
+        # order: dynamo guards on a string's value exactly, so each distinct row is one compiled variant
+        self._plan = "".join("x" if site in self._corrected else "r" if site in reused else "c" for site in self._order)
         self._plans.add(self._plan)
         self._pending = (step, self._plan)
 
@@ -77,8 +97,14 @@ class StaticCompileEngine(CacheEngine):
         """Distinct step kinds seen in this run: the bound on compiled variants (plus "off")."""
         return len(self._plans)
 
+    def memory_bytes(self) -> int:
+        held = {id(t): t for t in [*self._corrected.values(), *self._seen.values()]}
+        extra = sum(t.numel() * t.element_size() for t in held.values())
+        return super().memory_bytes() + extra
+
     def _flush(self) -> None:
-        """Count the finished step from its plan, as the eager wrappers would have counted it."""
+        """Count the finished step from its plan, as the eager wrappers would have counted it, and
+        hand the correctors what it used."""
         if self._pending is None or self._batch is None:
             self._pending = None
             return
@@ -89,7 +115,25 @@ class StaticCompileEngine(CacheEngine):
             self.counters.block(step.index, batch, skipped=False)
         for site, kind in zip(self._order, plan):
             self.counters.site(step.index, site.branch, batch, tokens if kind == "c" else 0)
+        if self.correctors:
+            self._observe(step, plan)
         self._pending, self._batch = None, None
+
+    def _observe(self, step: StepInfo, plan: str) -> None:
+        """``observe`` for every site of the finished step, in install order, as the eager wrappers call it."""
+        start = time.perf_counter()
+        for site, kind in zip(self._order, plan):
+            if kind == "x":
+                used = self._corrected[site]
+            elif kind == "r" or self._keep[site]:
+                used = self.store[site]
+            else:
+                used = self._seen[site]
+            for corrector in self.correctors:
+                corrector.observe(step, site, Kind.COMPUTE if kind == "c" else Kind.REUSE, used)
+        self._corrected.clear()
+        self._seen.clear()
+        self.corrector_seconds += time.perf_counter() - start
 
     # -- traced wrappers: they read the plan and the store, nothing else of the run ---------------
     def _block_forward(self, index: int, depth: int, original):
@@ -110,9 +154,13 @@ class StaticCompileEngine(CacheEngine):
             self._batch = x.shape[0]
             if plan[index] == "r":
                 return self.store[site]  # (B, N, C_out)
+            if plan[index] == "x":
+                return self._corrected[site]  # (B, N, C_out), made at begin_step
             out = original(*args, **kwargs)  # (B, N, C_out)
             if self._keep[site]:
                 self.store[site] = out
+            elif self.correctors:
+                self._seen[site] = out  # for the correctors' observe at the next begin_step
             return out
 
         return forward
