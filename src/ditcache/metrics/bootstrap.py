@@ -143,3 +143,16 @@ def paired_difference(value_a: float, reps_a: np.ndarray, value_b: float, reps_b
     if np.shape(reps_a) != np.shape(reps_b):
         raise ValueError(f"paired replicates differ in number: {np.shape(reps_a)} vs {np.shape(reps_b)}")
     return centred_interval(value_a - value_b, np.asarray(reps_a) - np.asarray(reps_b), level)
+
+
+def interval_columns(value: float, reps: np.ndarray, base: tuple[float, np.ndarray] | None = None) -> dict:
+    """A result row's FID interval keys (``fid_ci_low``, ``fid_ci_high``) and, given the ``base`` row's
+    (FID, replicates) drawn with the same indices, its paired difference FID - base FID
+    (``fid_diff``, ``fid_diff_ci_low``, ``fid_diff_ci_high``, ``fid_diff_significant``)."""
+    interval = centred_interval(value, reps)
+    row = {"fid_ci_low": interval.low, "fid_ci_high": interval.high}
+    if base is not None:
+        diff = paired_difference(value, reps, base[0], base[1])
+        row.update(fid_diff=diff.value, fid_diff_ci_low=diff.low, fid_diff_ci_high=diff.high,
+                   fid_diff_significant=diff.excludes_zero)
+    return row
