@@ -126,3 +126,20 @@ def test_a_prior_without_the_fit_and_a_bad_level_are_refused(prior_path):
         stored_grams(load_prior(prior_path))
     with pytest.raises(ValueError, match="level"):
         pooled_sums(np.eye(3), 2, [1, 0], "branch", float)
+
+
+def test_mean_grams_are_the_prior_means_gram_and_need_no_recorded_fit(loaded, prior_path):
+    from ditcache.calibration.forecast_fit import mean_grams
+    from ditcache.correctors.forecast import ForecastConfig, ForecastCorrector
+
+    prior = load_prior(prior_path)
+    grams = mean_grams(prior)
+    x = prior.means["mlp"][:, 2].double().reshape(STEPS, -1)  # block 2: (S, H*N*C)
+    np.testing.assert_allclose(grams["mlp"][2], (x @ x.T).numpy(), rtol=1e-12)
+    corrector = ForecastCorrector(ForecastConfig(prior=prior_path, fit="site", on="mean"))
+    corrector.reset(prior.run_info())  # no forecast-fit sums in this prior: the means are enough
+    order, w = corrector.fitted_choice(4, Site(2, Branch.MLP), [2, 0])
+    want = best_order(pooled_sums(grams["mlp"][2], 4, [2, 0], "site", float))
+    assert (order, w) == (want[0], pytest.approx(want[1]))
+    with pytest.raises(ValueError, match="on must be"):
+        ForecastCorrector(ForecastConfig(prior=prior_path, fit="site", on="median"))
