@@ -215,6 +215,7 @@ class PeersOptions:
     reference: str = "mnist"
     reference_limit: Optional[int] = None  # None: the whole reference set (MNIST: the 10,000 test digits)
     bootstrap: int = REPLICATES  # replicates for the FID intervals; 0 turns them off
+    features_dir: Optional[str] = None  # keep every row's Inception features here, for rescore_peers
     timing_samples: int = 8  # samples per timed run
     repeats: int = 2  # interleaved timing repeats (0: no timing)
     progress: bool = True
@@ -266,17 +267,64 @@ def compare_peers(loaded, config: SampleConfig, specs: Sequence[str], options: P
             from ..metrics.inception import InceptionExtractor
 
             extractor = extractor or InceptionExtractor()
-            m, _, reps = evaluate_with_features(run.images, run.labels, reference=options.reference,
+            m, feats, reps = evaluate_with_features(run.images, run.labels, reference=options.reference,
                                                 extractor=extractor, reference_limit=options.reference_limit,
                                                 bootstrap=options.bootstrap)
-            row.update({k: m.get(k) for k in ("fid", "sfid", "class_accuracy", "num_reference")})
+            row.update({k: m.get(k) for k in ("fid", "sfid", "precision", "recall", "class_accuracy", "num_reference")})
             if reps is not None:
                 replicates[spec] = reps
+            if options.features_dir:
+                _save_features(options.features_dir, spec, feats)
         rows.append(row)
     add_intervals(rows, replicates)
     if options.repeats > 0:
         _time(runs, rows, loaded, config, options)
     return rows
+
+
+def _features_path(folder, spec: str):
+    from pathlib import Path
+
+    import hashlib
+
+    from .compare import slug
+
+    return Path(folder) / f"{slug(spec)[:80]}-{hashlib.sha1(spec.encode()).hexdigest()[:10]}.npz"
+
+
+def _save_features(folder, spec: str, feats: dict) -> None:
+    from ..atomic import write_atomic
+
+    path = _features_path(folder, spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {k: np.asarray(v, np.float32) for k, v in feats.items()}  # exact: the network computes in float32
+    write_atomic(path, lambda tmp: np.savez(tmp, **arrays))
+
+
+def rescore_peers(rows: list[dict], features_dir, reference: str = "mnist", reference_limit: Optional[int] = None,
+                  bootstrap: int = REPLICATES) -> list[dict]:
+    """The rows of an earlier run (its ``--json``) with FID, sFID, precision, recall and the intervals
+    computed again from the Inception features it kept (``features_dir``) against another reference
+    (e.g. the full set once its statistics exist); sampling and fidelity are not redone."""
+    from ..metrics.evaluate import metrics_from_features
+    from ..metrics.inception import InceptionExtractor
+    from ..metrics.reference import get_reference
+
+    ref = get_reference(reference, InceptionExtractor(), limit=reference_limit)
+    out, replicates = [], {}
+    for row in rows:
+        row = {k: v for k, v in row.items() if not k.startswith(("fid_", "fid_diff"))}
+        path = _features_path(features_dir, row["spec"])
+        if row.get("status") == "ok" and path.is_file():
+            with np.load(path) as data:
+                feats = {k: data[k].astype(np.float64) for k in data.files}
+            m, reps = metrics_from_features(feats, ref, bootstrap)
+            row.update({k: m[k] for k in ("fid", "sfid", "precision", "recall", "num_reference")})
+            if reps is not None:
+                replicates[row["spec"]] = reps
+        out.append(row)
+    add_intervals(out, replicates)
+    return out
 
 
 def add_intervals(rows: list[dict], replicates: dict) -> None:

@@ -31,14 +31,19 @@ from ..metrics.fidelity import fidelity
 from ..pipelines.toy import pixart_pipeline
 from .peers import NONE, CallCounter, NotApplicable, PeerRun, check_spec, is_peer
 
-# DPM-Solver++ 20 steps: FORA at interval 2/3/4 is 50% / 35% / 25% of the calls; TaylorSeer with warmup 1
-# at the same intervals; FirstBlockCache and PAB with their settings from the DiT table
+# DPM-Solver++ 20 steps with every 2nd / 3rd / 4th step computed from step 0 (50% / 35% / 25% of the calls),
+# as diffusers' TaylorSeer with warmup 1 computes them (its interval 4 computes one step more: 30%);
+# FirstBlockCache, PAB and FasterCache with their settings from the DiT table
+EVERY2 = "rule:steps=" + "/".join(str(s) for s in range(20) if s % 2)
+EVERY3 = "rule:steps=" + "/".join(str(s) for s in range(20) if s % 3)
+EVERY4 = "rule:steps=" + "/".join(str(s) for s in range(20) if s % 4)
 PIPELINE_PEER_SPECS = (
-    "fora:interval=2", "fora:interval=2+goc", "fora:interval=2+forecast",
-    "fora:interval=3", "fora:interval=3+goc", "fora:interval=3+forecast",
-    "fora:interval=4", "fora:interval=4+forecast", "fora:interval=4+forecast:order=1",
+    EVERY2, EVERY2 + "+goc", EVERY2 + "+forecast", EVERY2 + "+forecast:order=3",
+    EVERY3, EVERY3 + "+goc", EVERY3 + "+forecast", EVERY3 + "+forecast:order=1",
+    EVERY4, EVERY4 + "+goc", EVERY4 + "+forecast", EVERY4 + "+forecast:order=1",
     "diffusers:taylorseer:interval=2,order=2,warmup=1", "diffusers:taylorseer:interval=3,order=2,warmup=1",
-    "diffusers:taylorseer:interval=3,order=1,warmup=1", "diffusers:taylorseer:interval=4,order=1,warmup=1",
+    "diffusers:taylorseer:interval=3,order=1,warmup=1", "diffusers:taylorseer:interval=4,order=2,warmup=1",
+    "diffusers:taylorseer:interval=4,order=1,warmup=1",
     "diffusers:fbc:threshold=0.2", "diffusers:pab:skip=2", "diffusers:fastercache", "diffusers:magcache",
 )
 PROMPTS = ("a photo of a cat", "a red car on the beach", "a blue house", "a dog on the tree")
@@ -65,7 +70,8 @@ def _call(pipe, job: PixArtJob) -> np.ndarray:
     """The pipeline's own call on the job: final latents (N, C, H, W)."""
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(job.num_samples)]
     out = pipe(prompt=prompts, num_inference_steps=job.steps, guidance_scale=job.guidance_scale,
-               generator=_generators(job), height=job.sample_size * 8, width=job.sample_size * 8,
+               generator=_generators(job), height=job.sample_size * pipe.vae_scale_factor,
+               width=job.sample_size * pipe.vae_scale_factor,
                output_type="latent", use_resolution_binning=False, clean_caption=False)
     return out.images.float().numpy()
 

@@ -50,6 +50,12 @@ def add_parser(sub) -> None:
     p.add_argument("--no-fid", action="store_true", help="--peers: skip FID")
     p.add_argument("--reference-limit", type=int, default=None,
                    help="--peers: FID against only the first N reference images (default: all; MNIST: 10,000)")
+    p.add_argument("--features-dir", default=None,
+                   help="--peers: keep every row's Inception features in this folder (for --rescore)")
+    p.add_argument("--rescore", default=None, metavar="JSON",
+                   help="--peers: instead of sampling, read the --json output of an earlier run made with "
+                        "--features-dir and compute FID, sFID, precision, recall and the intervals again against "
+                        "the reference --reference-limit now gives")
     p.add_argument("--bootstrap", type=int, default=REPLICATES,
                    help=f"--peers: bootstrap replicates for the FID intervals, 0 for none (default: {REPLICATES})")
     p.add_argument("--device", default=None, help="cpu (default) or cuda; --preset gpu defaults to cuda")
@@ -86,16 +92,38 @@ def run_pipeline_peers(args) -> int:
     return 0
 
 
+def rescore(args) -> int:
+    import json
+
+    from ..bench.peers import peers_table, rescore_peers
+
+    if not args.features_dir:
+        raise SystemExit("bench --peers --rescore needs --features-dir, the folder the earlier run kept features in")
+    with open(args.rescore) as f:
+        earlier = json.load(f)
+    rows = rescore_peers(earlier["rows"], args.features_dir, reference_limit=args.reference_limit,
+                         bootstrap=args.bootstrap)
+    if args.json:
+        print_json({**earlier, "reference_limit": args.reference_limit, "bootstrap": args.bootstrap,
+                    "rescored_from": args.rescore, "rows": rows})
+    else:
+        print(peers_table(rows))
+    return 0
+
+
 def run_peers(args) -> int:
     from ..bench.peers import DEFAULT_PEER_SPECS, PeersOptions, compare_peers, peers_table
 
     if args.pipeline:
         return run_pipeline_peers(args)
+    if args.rescore:
+        return rescore(args)
 
     loaded = load_model(args.model, device="cpu")
     config = SampleConfig(num_samples=args.num_samples, batch_size=args.batch_size, steps=args.steps, cfg_scale=1.5)
     options = PeersOptions(fid=not args.no_fid, timing_samples=args.timing_samples, repeats=args.repeats,
-                           progress=not args.json, reference_limit=args.reference_limit, bootstrap=args.bootstrap)
+                           progress=not args.json, reference_limit=args.reference_limit, bootstrap=args.bootstrap,
+                           features_dir=args.features_dir)
     rows = compare_peers(loaded, config, tuple(args.cache or DEFAULT_PEER_SPECS), options)
     if args.json:
         print_json({"threads": torch.get_num_threads(), "model": loaded.name, "steps": args.steps,
