@@ -45,3 +45,22 @@ def test_diffusers_taylorseer_runs_inside_the_pipeline_at_its_interval(rows):
 def test_peers_that_do_not_apply_are_rows(rows):
     assert rows["diffusers:magcache"]["status"].startswith("not run: MagCache")
     assert rows["cache-dit:dbcache:mask=2"]["status"].startswith("not run: cache-dit is not run inside")
+
+
+def test_forecast_order_one_on_taylorseers_schedule_is_taylorseer():
+    """diffusers' TaylorSeer (order 1, warmup 1, interval 2: steps 0, 2, 4 of 6 computed) and ditcache's
+    forecast:order=1 on the same schedule give the same latents: the gap between them in the table is
+    the choice of steps, not the extrapolation."""
+    import numpy as np
+
+    from ditcache.bench.peers_pipeline import run_pipeline_system
+    from ditcache.pipelines.toy import pixart_pipeline
+
+    pipe = pixart_pipeline(depth=JOB.depth, hidden=JOB.hidden, heads=4, sample_size=JOB.sample_size)
+    base = pipe.transformer
+    ours, _ = run_pipeline_system("rule:steps=1/3/5+forecast:order=1", pipe, base, JOB)
+    theirs, _ = run_pipeline_system("diffusers:taylorseer:interval=2,order=1,warmup=1", pipe, base, JOB)
+    plain, _ = run_pipeline_system("rule:steps=1/3/5", pipe, base, JOB)
+    assert ours.fraction == theirs.fraction == 0.5
+    np.testing.assert_allclose(ours.images, theirs.images, rtol=1e-5, atol=1e-4)
+    assert np.abs(plain.images - theirs.images).max() > 1e-2  # and the extrapolation does act

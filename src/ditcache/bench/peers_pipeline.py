@@ -37,10 +37,15 @@ from .peers import NONE, CallCounter, NotApplicable, PeerRun, check_spec, is_pee
 EVERY2 = "rule:steps=" + "/".join(str(s) for s in range(20) if s % 2)
 EVERY3 = "rule:steps=" + "/".join(str(s) for s in range(20) if s % 3)
 EVERY4 = "rule:steps=" + "/".join(str(s) for s in range(20) if s % 4)
+# the steps TaylorSeer computes at warmup 1 (step 0, then every N-th from step 2): the same schedule for ours
+TAYLOR3 = "rule:steps=" + "/".join(str(s) for s in range(20) if s != 0 and (s - 2) % 3)
+TAYLOR4 = "rule:steps=" + "/".join(str(s) for s in range(20) if s != 0 and (s - 2) % 4)
 PIPELINE_PEER_SPECS = (
     EVERY2, EVERY2 + "+goc", EVERY2 + "+forecast", EVERY2 + "+forecast:order=3",
     EVERY3, EVERY3 + "+goc", EVERY3 + "+forecast", EVERY3 + "+forecast:order=1",
+    TAYLOR3, TAYLOR3 + "+forecast", TAYLOR3 + "+forecast:order=1",
     EVERY4, EVERY4 + "+goc", EVERY4 + "+forecast", EVERY4 + "+forecast:order=1",
+    TAYLOR4, TAYLOR4 + "+forecast", TAYLOR4 + "+forecast:order=1",
     "diffusers:taylorseer:interval=2,order=2,warmup=1", "diffusers:taylorseer:interval=3,order=2,warmup=1",
     "diffusers:taylorseer:interval=3,order=1,warmup=1", "diffusers:taylorseer:interval=4,order=2,warmup=1",
     "diffusers:taylorseer:interval=4,order=1,warmup=1",
