@@ -154,7 +154,7 @@ def test_fid_intervals_and_paired_differences_against_uncached(base, loaded, mon
     import types
 
     import ditcache.metrics.reference as reference
-    from ditcache.bench.peers import rescore_peers
+    from ditcache.bench.peers_fid import rescore_peers
 
     ref = types.SimpleNamespace(mu=np.zeros(16), sigma=np.eye(16), mu_s=np.zeros(16), sigma_s=np.eye(16), pool=None,
                                 num_images=7, name="stand-in", precomputed=True)

@@ -95,7 +95,8 @@ def run_pipeline_peers(args) -> int:
 def rescore(args) -> int:
     import json
 
-    from ..bench.peers import peers_table, rescore_peers
+    from ..bench.peers import peers_table
+    from ..bench.peers_fid import rescore_peers
 
     if not args.features_dir:
         raise SystemExit("bench --peers --rescore needs --features-dir, the folder the earlier run kept features in")
