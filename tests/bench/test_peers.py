@@ -106,3 +106,61 @@ def test_cachedit_static_mask_skips_all_but_the_first_block(base, loaded):
     # 3 blocks, Fn = 1: block 0 always runs; the other two only at the masked-in steps 0, 2, 4 of 6
     result = run("cache-dit:dbcache:mask=2,steps=6", base, loaded)
     assert result.fraction == pytest.approx(1 / 3 + 2 / 3 * 0.5)
+
+
+def test_fid_intervals_and_paired_differences_against_uncached(base, loaded, monkeypatch, tmp_path):
+    """Every row gets its 95% FID interval and, but for the uncached row, the paired interval of its FID
+    minus the uncached FID, from replicates that drew the same sample indices (here on stand-in
+    features: the first 16 pixel values, against a unit-Gaussian reference)."""
+    import numpy as np
+
+    import ditcache.metrics.evaluate as evaluate
+    import ditcache.metrics.inception as inception
+    from ditcache.metrics.bootstrap import FIDBootstrap, paired_difference
+
+    boot = FIDBootstrap(np.zeros(16), np.eye(16), replicates=50)
+
+    def stand_in(images, labels, reference, extractor, reference_limit, bootstrap):
+        feats = images.reshape(len(images), -1)[:, :16].astype(np.float64) / 64.0  # (N, 16)
+        assert bootstrap == 50 and reference_limit == 7
+        return {"fid": boot.fid(feats), "num_reference": 7}, {"pool": feats, "spatial": feats}, boot.replicates_of(feats)
+
+    monkeypatch.setattr(evaluate, "evaluate_with_features", stand_in)
+    monkeypatch.setattr(inception, "InceptionExtractor", lambda: None)
+    config = SampleConfig(num_samples=8, batch_size=8, steps=6, cfg_scale=1.5, seed=1)
+    options = PeersOptions(fid=True, repeats=0, progress=False, reference_limit=7, bootstrap=50,
+                           features_dir=str(tmp_path / "features"))
+    specs = ["rule:preset=rm-50", "rule:preset=rm-50+forecast", "diffusers:magcache"]
+    rows = compare_peers(loaded, config, specs, options)
+    by = {r["spec"]: r for r in rows}
+    none = by[NONE]
+    assert none["fid_ci_low"] <= none["fid"] <= none["fid_ci_high"] and "fid_diff" not in none
+    feats = {s: run(s, base, loaded, config).images.reshape(8, -1)[:, :16] / 64.0 for s in (NONE, specs[1])}
+    want = paired_difference(boot.fid(feats[specs[1]]), boot.replicates_of(feats[specs[1]]),
+                             boot.fid(feats[NONE]), boot.replicates_of(feats[NONE]))
+    got = by[specs[1]]
+    assert got["fid_diff"] == pytest.approx(got["fid"] - none["fid"])
+    assert (got["fid_diff_ci_low"], got["fid_diff_ci_high"]) == pytest.approx((want.low, want.high))
+    assert got["fid_diff_significant"] == want.excludes_zero
+    assert "fid" not in by["diffusers:magcache"]  # a system that did not run has no FID and no interval
+    text = peers_table(rows)
+    assert "FID [95%]" in text and "ΔFID vs uncached [95%, paired]" in text
+    line = next(l for l in text.splitlines() if f"`{specs[1]}`" in l)
+    assert f"[{got['fid_ci_low']:.2f}, {got['fid_ci_high']:.2f}]" in line
+    assert f"{got['fid_diff']:+.2f} [{got['fid_diff_ci_low']:.2f}, {got['fid_diff_ci_high']:.2f}]" in line
+    assert line.count("n.s.") == (0 if want.excludes_zero else 1)
+
+    # rescoring from the kept features against the same reference gives the same numbers
+    import types
+
+    import ditcache.metrics.reference as reference
+    from ditcache.bench.peers_fid import rescore_peers
+
+    ref = types.SimpleNamespace(mu=np.zeros(16), sigma=np.eye(16), mu_s=np.zeros(16), sigma_s=np.eye(16), pool=None,
+                                num_images=7, name="stand-in", precomputed=True)
+    monkeypatch.setattr(reference, "get_reference", lambda *a, **k: ref)
+    again = {r["spec"]: r for r in rescore_peers(rows, tmp_path / "features", bootstrap=50)}
+    for spec in (NONE, specs[1]):
+        for key in ("fid", "fid_ci_low", "fid_ci_high", "fid_diff", "fid_diff_ci_low", "fid_diff_ci_high"):
+            assert again[spec].get(key) == pytest.approx(by[spec].get(key), rel=1e-6)
+    assert again["diffusers:magcache"]["status"].startswith("not run")

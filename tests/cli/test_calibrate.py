@@ -151,6 +151,27 @@ def test_eoc_fit_stores_gamma_and_scores_it_on_held_out_samples(model_file, prio
                  "rule:steps=1/3", "--corrector", f"eoc:prior={path},fit=branch", "--out", str(tmp_path / "s")]) == 0
 
 
+def test_forecast_fit_stores_grams_and_scores_them_on_held_out_samples(model_file, prior, tmp_path, capsys):
+    import shutil
+
+    path = str(tmp_path / "prior")
+    shutil.copytree(prior, path)
+    code, out, err = calibrate(capsys, "forecast-fit", "--prior", path, "--model", model_file, "--num-samples", "3",
+                               "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["K"] == 3 and not report["holdout"] and [r["interval"] for r in report["intervals"]] == [2, 3, 4]
+    assert set(report["intervals"][0]["removed"]) == {"order 1", "order 2", "fit=site", "fit=step"}
+    assert load_prior(path).artifact.meta["forecast_fit"]["seed"] == 1
+    code, out, _ = calibrate(capsys, "forecast-fit", "--prior", path, "--model", model_file, "--num-samples", "2",
+                             "--seed", "7", "--holdout")
+    assert code == 0 and "held-out samples" in out and "fit=site" in out
+    code, _, err = calibrate(capsys, "forecast-fit", "--prior", prior, "--model", model_file, "--holdout")
+    assert code == 2 and "calibrate forecast-fit" in err  # the shared prior was never fitted
+    assert main(["sample", "--model", model_file, "--steps", "6", "--num-samples", "2", "--policy",
+                 "fora:interval=2", "--corrector", f"forecast:prior={path},fit=site", "--out", str(tmp_path / "s")]) == 0
+
+
 def test_reuse_cost_maps_and_ranks_a_router(model_file, tmp_path, capsys):
     router = tmp_path / "r"
     assert main(["train-router", "--model", model_file, "--steps", "6", "--data", "trajectories", "--trajectories",

@@ -11,6 +11,7 @@ from ditcache.correctors.goc import GocConfig, GocCorrector
 from ditcache.engine import CacheEngine
 from ditcache.policies import make_policy
 from ditcache.registry import parse_spec
+from ditcache.correctors.base import Corrector
 from ditcache.types import Branch, Kind, RunInfo, Site, StepInfo
 
 from .conftest import run_steps
@@ -164,3 +165,121 @@ def test_spec_and_validation():
             ForecastCorrector(ForecastConfig(**bad))
     with pytest.raises(ValueError, match="distinct"):
         newton_increment([(1.0, torch.zeros(1)), (1.0, torch.ones(1))], 2.0)
+
+
+# -- order and weight fitted on a prior (calibrate forecast-fit) -------------------------------------
+@pytest.fixture(scope="module")
+def fitted(loaded, prior_path, tmp_path_factory):
+    """A copy of the tiny model's prior with a forecast fit on 4 uncached samples, and those samples' config."""
+    import shutil
+
+    from ditcache.calibration.forecast_fit import fit_forecast_prior
+    from ditcache.sampling.generate import SampleConfig
+
+    path = tmp_path_factory.mktemp("forecast-fit") / "prior"
+    shutil.copytree(prior_path, path)
+    config = SampleConfig(num_samples=4, batch_size=2, steps=6, cfg_scale=1.5, seed=5)
+    fit_forecast_prior(loaded, path, config)
+    return str(path), config
+
+
+class Trajectories(Corrector):
+    """Keeps every feature of uncached runs: [{(step, site): (rows, N, C)} per batch]."""
+
+    def __init__(self):
+        self.batches = [{}]
+
+    def observe(self, step, site, kind, used):
+        self.batches[-1][(step.index, site)] = used
+
+    def end_batch(self):
+        self.batches.append({})
+
+
+def open_loop_error(corrector, batches, reused, sites):
+    """Squared error of ``corrector``'s prediction at the ``reused`` steps, fed the true features."""
+    total = 0.0
+    for features in batches:
+        for site in sites:
+            feature = lambda s: features[(s, site)]  # noqa: E731
+            run = corrector.run
+            corrector.reset(run)
+            stored = None
+            for s in range(run.num_steps):
+                info = StepInfo(s, run.num_steps)
+                if s in reused:
+                    out = corrector.correct(info, site, stored)
+                    total += float(((out.double() - feature(s).double()) ** 2).sum())
+                    corrector.observe(info, site, REUSE, out)
+                else:
+                    stored = feature(s)
+                    corrector.observe(info, site, COMPUTE, stored)
+    return total
+
+
+def test_fitted_order_and_weight_reduce_the_error_on_the_calibration_data(loaded, fitted):
+    from ditcache.calibration.eoc_fit import record_uncached
+    from ditcache.calibration.prior import load_prior
+
+    path, config = fitted
+    recorder = Trajectories()
+    record_uncached(loaded, recorder, config)
+    batches = [b for b in recorder.batches if b]
+    run = load_prior(path).run_info()
+    sites = [Site(b, br) for b in range(3) for br in (Branch.ATTN, Branch.MLP)]
+    errors = {}
+    for name, spec in [("plain", ForecastConfig(order=0)), ("order 1", ForecastConfig(order=1)),
+                       ("order 2", ForecastConfig(order=2)), ("site", ForecastConfig(order=2, prior=path, fit="site")),
+                       ("step", ForecastConfig(order=2, prior=path, fit="step"))]:
+        corrector = ForecastCorrector(spec)
+        corrector.reset(run)
+        errors[name] = open_loop_error(corrector, batches, {1, 3, 5}, sites)
+    # per step, the least-squares order and weight are at least as good as order 0, 1 or 2 at w = 1
+    assert errors["step"] <= min(errors["plain"], errors["order 1"], errors["order 2"]) * (1 + 1e-9)
+    assert errors["step"] < errors["order 2"]
+    # and the open-loop error through the corrector is the one the Gram sums predict
+    from ditcache.calibration.forecast_fit import error_left, forecast_sums, stored_grams
+
+    grams = stored_grams(load_prior(path))
+    choice = ForecastCorrector(ForecastConfig(order=2, prior=path, fit="step"))
+    choice.reset(run)
+    predicted = 0.0
+    for site in sites:
+        for t, steps in [(1, [0]), (3, [2, 0]), (5, [4, 2, 0])]:
+            m, w = choice.fitted_choice(t, site, steps) if len(steps) > 1 else (0, 0.0)
+            predicted += error_left(forecast_sums(grams[site.branch.value][site.block], t, steps, float), m, w)
+    assert errors["step"] == pytest.approx(predicted, rel=1e-6)
+
+
+def test_fit_none_is_todays_forecast_bit_for_bit(loaded, fitted):
+    path, _ = fitted
+    outs = []
+    for spec in (ForecastConfig(), ForecastConfig(prior=path, fit="none")):
+        with CacheEngine(loaded.module, make_policy("fora", interval=3), [ForecastCorrector(spec)]) as engine:
+            outs.append(run_steps(loaded, engine))
+    assert all(torch.equal(x, y) for x, y in zip(*outs))
+    with CacheEngine(loaded.module, make_policy("fora", interval=3),
+                     [ForecastCorrector(ForecastConfig(prior=path, fit="site"))]) as engine:
+        site_fit = run_steps(loaded, engine)
+    assert not torch.equal(site_fit[-1], outs[0][-1])  # the fit does act
+
+
+def test_fit_is_refused_for_another_setting_and_without_a_fit(fitted, prior_path):
+    import dataclasses
+
+    from ditcache.calibration.prior import load_prior
+
+    path, _ = fitted
+    run = load_prior(path).run_info()
+    for other in (dataclasses.replace(run, num_steps=8), dataclasses.replace(run, cfg_scale=4.0),
+                  dataclasses.replace(run, fingerprint="0" * 16)):
+        with pytest.raises(ValueError, match="other settings"):
+            ForecastCorrector(ForecastConfig(prior=path, fit="site")).reset(other)
+    with pytest.raises(ValueError, match="calibrate forecast-fit"):
+        ForecastCorrector(ForecastConfig(prior=prior_path, fit="site")).reset(load_prior(prior_path).run_info())
+    for bad, message in [({"fit": "branch", "prior": path}, "fit must be"), ({"fit": "site"}, "prior=PATH"),
+                         ({"fit": "site", "prior": path, "history": "used"}, "history=computed")]:
+        with pytest.raises(ValueError, match=message):
+            ForecastCorrector(ForecastConfig(**bad))
+    parsed = parse_spec(CORRECTORS, f"forecast:prior={path},fit=site,order=3")
+    assert parsed.config == ForecastConfig(order=3, prior=path, fit="site")

@@ -109,23 +109,18 @@ def quality(images: np.ndarray, labels: np.ndarray, base: np.ndarray, options: C
 def add_intervals(rows: list[dict], out: Path, options: CompareOptions) -> None:
     """FID intervals for every row and paired intervals of each row's FID minus the first (uncached)
     row's, from the features saved beside each row's samples (bootstrap.py)."""
-    from ..metrics.bootstrap import FIDBootstrap, paired_difference
+    from ..metrics.bootstrap import FIDBootstrap, interval_columns
     from ..metrics.inception import InceptionExtractor
     from ..metrics.reference import get_reference
 
     ref = get_reference(options.reference, InceptionExtractor(device=options.device), limit=options.reference_limit)
     boot = FIDBootstrap(ref.mu, ref.sigma, options.bootstrap)
-    base_value, base_reps = None, None
+    base = None
     for row in rows:
         pool = np.load(out / slug(row["spec"]) / "features.npz")["pool"].astype(np.float64)  # (N, 2048)
-        interval, reps = boot.interval(pool, row["fid"])
-        row["fid_ci_low"], row["fid_ci_high"] = interval.low, interval.high
-        if base_reps is None:
-            base_value, base_reps = row["fid"], reps
-            continue
-        diff = paired_difference(row["fid"], reps, base_value, base_reps)
-        row.update(fid_diff=diff.value, fid_diff_ci_low=diff.low, fid_diff_ci_high=diff.high,
-                   fid_diff_significant=diff.excludes_zero)
+        reps = boot.replicates_of(pool)
+        row.update(interval_columns(row["fid"], reps, base))
+        base = base or (row["fid"], reps)
 
 
 def _sampling_settings(row: dict) -> dict:

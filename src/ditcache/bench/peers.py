@@ -10,8 +10,8 @@ and labels:
 - ``cache-dit:NAME:k=v,...``: cache-dit's DBCache (``peers_cachedit.py``).
 
 The compute fraction is counted the same way for every system, outside all of them: forward hooks
-on the output projection of every block's attention (``attn1.to_out.0``) and on the last linear layer
-of its MLP (``ff.net.2``) record the rows x tokens each actually processes; the fraction is that over what the
+on the output projection of every block's attention (``attn1.to_out.0``; and ``attn2.to_out.0``, the
+cross-attention, in a PixArt block) and on the last linear layer of its MLP (``ff.net.2``) record the rows x tokens each actually processes; the fraction is that over what the
 uncached model would process for the same transformer calls. A sub-layer a cache skips never calls
 them; a token-wise partial step counts its tokens. (Work outside attention and MLP, e.g. ToCa's
 token scoring, which calls ``to_q``/``to_k`` on its own, or a cache's residual arithmetic, is not in
@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..images import to_uint8
+from ..metrics.bootstrap import REPLICATES
 from ..metrics.fidelity import fidelity
 from ..sampling.generate import SampleConfig, decode, noise_and_labels, sample_seed
 from ..sampling.loops import sample
@@ -70,15 +71,19 @@ class CallCounter:
         self.executed = 0  # rows x tokens through attention or MLP
         self.full = 0  # what the uncached model would have processed in the same calls
         self._handles = [transformer.register_forward_pre_hook(self._model_call, with_kwargs=True)]
+        self.branches = 0  # counted sub-layers per block: self-attention, MLP, and cross-attention where there is one
         for block in self.blocks:
-            for module in (block.attn1.to_out[0], block.ff.net[2]):
+            cross = [block.attn2.to_out[0]] if getattr(block, "attn2", None) is not None else []
+            modules = [block.attn1.to_out[0], block.ff.net[2]] + cross
+            self.branches = len(modules)
+            for module in modules:
                 self._handles.append(module.register_forward_pre_hook(self._sub_call))
 
     def _model_call(self, module, args, kwargs):
         x = args[0] if args else kwargs["hidden_states"]  # (B, C, H, W)
         patch = module.config.patch_size
         tokens = (x.shape[-2] // patch) * (x.shape[-1] // patch)
-        self.full += 2 * len(self.blocks) * x.shape[0] * tokens
+        self.full += self.branches * len(self.blocks) * x.shape[0] * tokens
 
     def _sub_call(self, module, args):
         x = args[0]  # (B, N, C)
@@ -208,7 +213,9 @@ def run_system(system: System, loaded, config: SampleConfig) -> PeerRun:
 class PeersOptions:
     fid: bool = True
     reference: str = "mnist"
-    reference_limit: Optional[int] = 1000
+    reference_limit: Optional[int] = None  # None: the whole reference set (MNIST: the 10,000 test digits)
+    bootstrap: int = REPLICATES  # replicates for the FID intervals; 0 turns them off
+    features_dir: Optional[str] = None  # keep every row's Inception features here, for rescore_peers
     timing_samples: int = 8  # samples per timed run
     repeats: int = 2  # interleaved timing repeats (0: no timing)
     progress: bool = True
@@ -229,7 +236,8 @@ def compare_peers(loaded, config: SampleConfig, specs: Sequence[str], options: P
         check_spec(spec)
     specs = [NONE] + [s for s in specs if s != NONE]
     base = diffusers_model(loaded).eval()
-    rows, runs, reference = [], {}, None
+    rows, runs, reference, replicates = [], {}, None, {}
+    extractor = None
     for spec in specs:
         row = {"spec": spec}
         try:
@@ -255,11 +263,24 @@ def compare_peers(loaded, config: SampleConfig, specs: Sequence[str], options: P
                     "engine_compute_fraction": run.report.get("compute_fraction")})
         row.update({f"{k}_vs_uncached": v for k, v in fidelity(run.images, reference.images).items()})
         if options.fid:
-            from ..metrics.evaluate import evaluate
+            from ..metrics.evaluate import evaluate_with_features
+            from ..metrics.inception import InceptionExtractor
 
-            m = evaluate(run.images, run.labels, reference=options.reference, reference_limit=options.reference_limit)
-            row.update({k: m.get(k) for k in ("fid", "sfid", "class_accuracy")})
+            extractor = extractor or InceptionExtractor()
+            m, feats, reps = evaluate_with_features(run.images, run.labels, reference=options.reference,
+                                                extractor=extractor, reference_limit=options.reference_limit,
+                                                bootstrap=options.bootstrap)
+            row.update({k: m.get(k) for k in ("fid", "sfid", "precision", "recall", "class_accuracy", "num_reference")})
+            if reps is not None:
+                replicates[spec] = reps
+            if options.features_dir:
+                from .peers_fid import save_features
+
+                save_features(options.features_dir, spec, feats)
         rows.append(row)
+    from .peers_fid import add_intervals
+
+    add_intervals(rows, replicates)
     if options.repeats > 0:
         _time(runs, rows, loaded, config, options)
     return rows
@@ -309,17 +330,23 @@ def group(rows: list[dict], levels=LEVELS, tolerance: float = 0.08) -> list[tupl
 
 def peers_table(rows: list[dict]) -> str:
     """Markdown: a table per compute level, one line per system, with its status where it did not run."""
+    from .compare import _cell
+
     fmt = lambda v, f: "-" if v is None else f.format(v)  # noqa: E731
+    diff = any(r.get("fid_diff") is not None for r in rows)
     out = []
     for title, members in group(rows):
         if not members:
             continue
-        out += [f"**{title}**", "",
-                "| system | compute (counted) | measured speed-up | PSNR vs uncached | SSIM | FID | class acc. | status |",
-                "|" + "---|" * 8]
+        head = "| system | compute (counted) | measured speed-up | PSNR vs uncached | SSIM | FID [95%] |"
+        head += " ΔFID vs uncached [95%, paired] |" if diff else ""
+        out += [f"**{title}**", "", head + " class acc. | status |", "|" + "---|" * (9 if diff else 8)]
         for r in members:
-            out.append(f"| `{r['spec']}` | {fmt(r.get('compute_fraction'), '{:.3f}')} | {fmt(r.get('speedup'), '{:.2f}x')} "
-                       f"| {fmt(r.get('psnr_vs_uncached'), '{:.2f}')} | {fmt(r.get('ssim_vs_uncached'), '{:.4f}')} "
-                       f"| {fmt(r.get('fid'), '{:.2f}')} | {fmt(r.get('class_accuracy'), '{:.3f}')} | {r['status']} |")
+            cells = [f"`{r['spec']}`", fmt(r.get("compute_fraction"), "{:.3f}"), fmt(r.get("speedup"), "{:.2f}x"),
+                     fmt(r.get("psnr_vs_uncached"), "{:.2f}"), fmt(r.get("ssim_vs_uncached"), "{:.4f}"),
+                     _cell(r, "fid", "{:.2f}")]
+            cells += [_cell(r, "fid_diff", "{:+.2f}")] if diff else []
+            cells += [fmt(r.get("class_accuracy"), "{:.3f}"), r["status"]]
+            out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)

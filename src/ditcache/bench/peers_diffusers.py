@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from .peers import NotApplicable, System
 
-_BLOCK_SITES = [r"transformer_blocks\.\d+\.attn1", r"transformer_blocks\.\d+\.ff"]
+# self-attention, MLP and (PixArt) cross-attention of every block, the sites ditcache caches
+_BLOCK_SITES = [r"transformer_blocks\.\d+\.attn1", r"transformer_blocks\.\d+\.attn2", r"transformer_blocks\.\d+\.ff"]
 
 
 def _options(text: str) -> dict[str, float]:

@@ -85,24 +85,40 @@ class FitRecorder(Corrector):
         self.count += self._rows
 
 
-def record_fit_sums(loaded, prior: Prior, config, progress: bool = False, device: str = "cpu") -> tuple[dict, int]:
-    """The five sums (each (2, S, L)) and the sample count over ``config.num_samples`` uncached samples."""
+def record_uncached(loaded, recorder, config, progress: bool = False, device: str = "cpu",
+                    desc: str = "fit batches") -> None:
+    """Sample ``config.num_samples`` uncached with ``recorder`` observing every site; ``recorder.end_batch()``
+    after each batch. The sampling loop of every fit stored in a prior (EOC's γ, forecast's Gram)."""
     from ..engine import CacheEngine
     from ..policies import make_policy
     from ..sampling.generate import generate
 
-    recorder = FitRecorder(prior)
     indices = list(range(config.num_samples))
     batches = [indices[i:i + config.batch_size] for i in range(0, len(indices), config.batch_size)]
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc="eoc fit batches")
+        batches = tqdm(batches, desc=desc)
     with CacheEngine(loaded.module, make_policy("none"), [recorder]) as engine:
         for batch in batches:
             generate(loaded, config, engine=engine, indices=batch, device=device)
             recorder.end_batch()
+
+
+def record_fit_sums(loaded, prior: Prior, config, progress: bool = False, device: str = "cpu") -> tuple[dict, int]:
+    """The five sums (each (2, S, L)) and the sample count over ``config.num_samples`` uncached samples."""
+    recorder = FitRecorder(prior)
+    record_uncached(loaded, recorder, config, progress, device, "eoc fit batches")
     return recorder.sums, recorder.count
+
+
+def store_in_prior(prior_path, prior: Prior, tensors: dict, meta_key: str, meta: dict, replace=()) -> None:
+    """Rewrite the prior artifact atomically with ``tensors`` added under ``meta[meta_key]`` (the names
+    in ``replace`` and ``tensors`` dropped first: an earlier fit of the same kind is replaced)."""
+    art = prior.artifact
+    drop = set(replace) | set(tensors)
+    kept = {k: v for k, v in art.tensors.items() if k not in drop}
+    save_artifact(Artifact(art.kind, art.key, {**kept, **tensors}, {**art.meta, meta_key: meta}), prior_path)
 
 
 def fit_prior(loaded, prior_path, config, progress: bool = False, device: str = "cpu") -> dict:
@@ -115,11 +131,9 @@ def fit_prior(loaded, prior_path, config, progress: bool = False, device: str = 
     start = time.perf_counter()
     sums, count = record_fit_sums(loaded, prior, config, progress, device)
     seconds = time.perf_counter() - start
-    art = prior.artifact
-    meta = {**art.meta, "fit": {"K": count, "seed": config.seed, "seconds": round(seconds, 1),
-                                "stored": "(branch attn/mlp, step, block) sums of one-step pairs"}}
-    tensors = {**{k: v for k, v in art.tensors.items() if k not in SUMS}, **{k: v.float() for k, v in sums.items()}}
-    save_artifact(Artifact(art.kind, art.key, tensors, meta), prior_path)
+    store_in_prior(prior_path, prior, {k: v.float() for k, v in sums.items()}, "fit",
+                   {"K": count, "seed": config.seed, "seconds": round(seconds, 1),
+                    "stored": "(branch attn/mlp, step, block) sums of one-step pairs"}, replace=SUMS)
     return {"prior": str(prior_path), "K": count, "seconds": seconds,
             "gamma_branch": {m: fitted_gamma(sums, m, "branch")[:, 1, 0].tolist() for m in MODES}}
 
@@ -171,8 +185,8 @@ def removed_share(sums: dict, mode: str, gamma: torch.Tensor, steps: list[int],
     return 0.0 if total == 0 else 1.0 - left / total
 
 
-__all__ = ["FIT_LEVELS", "FitRecorder", "fit_prior", "fit_report", "fitted_gamma", "has_fit", "record_fit_sums", "removed_share",
-           "stored_sums"]
+__all__ = ["FIT_LEVELS", "FitRecorder", "fit_prior", "fit_report", "fitted_gamma", "has_fit", "record_fit_sums",
+           "record_uncached", "removed_share", "store_in_prior", "stored_sums"]
 
 
 def fit_report(fit_sums: dict, eval_sums: dict, paper_gamma: float = 0.01) -> list[dict]:

@@ -9,6 +9,7 @@ import torch
 
 from ..bench.pipeline_speed import PIPELINE_SPECS, time_pipeline
 from ..bench.speed import BARE, DEFAULT_SPECS, random_dit, speed_table, time_policies
+from ..metrics.bootstrap import REPLICATES
 from ..models.loading import load_model
 from ..sampling.generate import SampleConfig
 from .common import add_num_heads_arg, add_pipeline_args, print_json, wants_pipeline
@@ -39,11 +40,13 @@ def add_parser(sub) -> None:
     p.add_argument("--cfg-scale", type=float, default=None,
                    help="--model PIPELINE: guidance scale of the timed call (default: 4.5)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--pipeline", choices=["pixart-alpha"], default=None,
+    p.add_argument("--pipeline", choices=["pixart-alpha", "pixart-tiny"], default=None,
                    help="instead: time the caches inside a diffusers PixArtAlphaPipeline's own loop (DPM-Solver++, "
                         "guidance 4.5) around a PixArt-alpha-shaped transformer with random weights (28 blocks, "
                         "hidden 1152, 16 heads, 1024 image tokens, 120 text tokens); default caches: "
-                        + ", ".join(PIPELINE_SPECS))
+                        + ", ".join(PIPELINE_SPECS) + ". With --peers, pixart-tiny: the peers table inside a tiny "
+                        "random-weight PixArt pipeline (4 blocks, hidden 64, 64 image tokens, --steps DPM-Solver++ "
+                        "steps, --num-samples captions), fidelity to uncached only (bench/peers_pipeline.py)")
     p.add_argument("--pipeline-steps", type=int, default=4, help="pipeline steps (default: 4)")
     p.add_argument("--pipeline-depth", type=int, default=28, help="transformer blocks (default: 28)")
     p.add_argument("--peers", action="store_true",
@@ -53,6 +56,16 @@ def add_parser(sub) -> None:
     p.add_argument("--num-samples", type=int, default=200, help="--peers: samples per system (default: 200)")
     p.add_argument("--timing-samples", type=int, default=8, help="--peers: samples per timed run (default: 8)")
     p.add_argument("--no-fid", action="store_true", help="--peers: skip FID")
+    p.add_argument("--reference-limit", type=int, default=None,
+                   help="--peers: FID against only the first N reference images (default: all; MNIST: 10,000)")
+    p.add_argument("--features-dir", default=None,
+                   help="--peers: keep every row's Inception features in this folder (for --rescore)")
+    p.add_argument("--rescore", default=None, metavar="JSON",
+                   help="--peers: instead of sampling, read the --json output of an earlier run made with "
+                        "--features-dir and compute FID, sFID, precision, recall and the intervals again against "
+                        "the reference --reference-limit now gives")
+    p.add_argument("--bootstrap", type=int, default=REPLICATES,
+                   help=f"--peers: bootstrap replicates for the FID intervals, 0 for none (default: {REPLICATES})")
     p.add_argument("--device", default=None, help="cpu (default) or cuda; --preset gpu defaults to cuda")
     p.add_argument("--preset", choices=["gpu"], default=None,
                    help="gpu: the --xl model (random weights, --xl-steps DDIM steps) at model batches 2/16/64 in "
@@ -73,17 +86,59 @@ def bare_first(specs) -> tuple:
     return (BARE,) + tuple(s for s in specs if s != BARE)
 
 
+def run_pipeline_peers(args) -> int:
+    from ..bench.peers import peers_table
+    from ..bench.peers_pipeline import PIPELINE_PEER_SPECS, PixArtJob, compare_pipeline_peers
+
+    if args.pipeline != "pixart-tiny":
+        raise SystemExit("bench --peers --pipeline: only pixart-tiny (a random-weight pipeline built locally)")
+    job = PixArtJob(steps=args.steps, num_samples=args.num_samples)
+    rows = compare_pipeline_peers(tuple(args.cache or PIPELINE_PEER_SPECS), job, progress=not args.json)
+    if args.json:
+        print_json({"threads": torch.get_num_threads(), "pipeline": args.pipeline, "job": job.__dict__, "rows": rows})
+    else:
+        print(peers_table(rows))
+    return 0
+
+
+def rescore(args) -> int:
+    import json
+
+    from ..bench.peers import peers_table
+    from ..bench.peers_fid import rescore_peers
+
+    if not args.features_dir:
+        raise SystemExit("bench --peers --rescore needs --features-dir, the folder the earlier run kept features in")
+    with open(args.rescore) as f:
+        earlier = json.load(f)
+    rows = rescore_peers(earlier["rows"], args.features_dir, reference_limit=args.reference_limit,
+                         bootstrap=args.bootstrap)
+    if args.json:
+        print_json({**earlier, "reference_limit": args.reference_limit, "bootstrap": args.bootstrap,
+                    "rescored_from": args.rescore, "rows": rows})
+    else:
+        print(peers_table(rows))
+    return 0
+
+
 def run_peers(args) -> int:
     from ..bench.peers import DEFAULT_PEER_SPECS, PeersOptions, compare_peers, peers_table
+
+    if args.pipeline:
+        return run_pipeline_peers(args)
+    if args.rescore:
+        return rescore(args)
 
     loaded = load_model(args.model, device="cpu")
     config = SampleConfig(num_samples=args.num_samples, batch_size=args.batch_size, steps=args.steps, cfg_scale=1.5)
     options = PeersOptions(fid=not args.no_fid, timing_samples=args.timing_samples, repeats=args.repeats,
-                           progress=not args.json)
+                           progress=not args.json, reference_limit=args.reference_limit, bootstrap=args.bootstrap,
+                           features_dir=args.features_dir)
     rows = compare_peers(loaded, config, tuple(args.cache or DEFAULT_PEER_SPECS), options)
     if args.json:
         print_json({"threads": torch.get_num_threads(), "model": loaded.name, "steps": args.steps,
-                    "num_samples": args.num_samples, "rows": rows})
+                    "num_samples": args.num_samples, "reference_limit": args.reference_limit,
+                    "bootstrap": args.bootstrap, "rows": rows})
     else:
         print(peers_table(rows))
     return 0

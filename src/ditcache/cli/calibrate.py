@@ -6,6 +6,8 @@
 - ``calibrate eoc-plan --policy SPEC --corrector eoc:prior=PATH``: which cached blocks EOC corrects;
 - ``calibrate eoc-fit --prior PATH``: fit EOC's γ (least squares, sign included) on uncached
   samples and store it in the prior, for ``eoc:prior=PATH,fit=branch|block|step``;
+- ``calibrate forecast-fit --prior PATH``: store uncached trajectories' Gram sums in the prior, for
+  ``forecast:prior=PATH,fit=site|step`` (least-squares order and weight per site);
 - ``calibrate reuse-cost [--router DIR]``: what reusing each sub-layer at each L2C cache step costs,
   and how far trained routers rank their sub-layers by it (rather than by their initial logits).
 """
@@ -87,6 +89,26 @@ def add_parser(sub) -> None:
     f.add_argument("--json", action="store_true", help="print one JSON object")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
     f.set_defaults(func=run_eoc_fit)
+
+    ff = targets.add_parser(
+        "forecast-fit", help="record uncached trajectories' Gram sums in the prior for forecast:prior=PATH,fit=site",
+        description="Sample K uncached trajectories with the prior's settings and store, per site, the Gram matrix "
+                    "of its features over the steps (summed over samples) in the prior; forecast:prior=PATH,fit=site|step "
+                    "then picks the least-squares order and weight per site and reuse pattern. Prints the share of "
+                    "the squared feature error of plain reuse that the unfitted and fitted forecasts remove under "
+                    "every-N-th-step schedules. With --holdout the prior is left alone and the stored fit is scored "
+                    "on these (new) samples.")
+    ff.add_argument("--prior", required=True, help="a prior artifact from `ditcache calibrate eoc`")
+    ff.add_argument("--model", default="mnist", help="the prior's model (default: mnist)")
+    ff.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    ff.add_argument("--num-samples", type=int, default=200, help="K uncached samples (default: 200)")
+    ff.add_argument("--batch-size", type=int, default=50, help="samples per batch (default: 50)")
+    ff.add_argument("--seed", type=int, default=1, help="sampling seed; use another one with --holdout (default: 1)")
+    ff.add_argument("--order", type=int, default=2, help="highest order scored and fitted (default: 2)")
+    ff.add_argument("--holdout", action="store_true", help="score the stored fit on these samples, store nothing")
+    ff.add_argument("--json", action="store_true", help="print one JSON object")
+    ff.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ff.set_defaults(func=run_forecast_fit)
 
     r = targets.add_parser(
         "reuse-cost", help="L2C diagnostic: the cost of reusing each sub-layer, and routers ranked against it",
@@ -316,4 +338,38 @@ def run_eoc_fit(args) -> int:
         g = v["gamma"]
         text = f"{g[0]:+.4f}, {g[1]:+.4f}" if isinstance(g, list) else "per " + v["name"].split(" ")[-1]
         print(f"{v['name']:<22} {text:>22} {v['odd']:>10.2%} {v['all']:>10.2%}")
+    return 0
+
+
+def run_forecast_fit(args) -> int:
+    from ..calibration.forecast_fit import fit_forecast_prior, fit_report, record_grams, stored_grams
+    from ..sampling.generate import SampleConfig
+
+    prior = load_prior(args.prior)
+    key = prior.key
+    loaded = load_model(args.model, vae=None, device=args.device)
+    config = SampleConfig(num_samples=args.num_samples, batch_size=args.batch_size, sampler=key.sampler,
+                          steps=key.steps, cfg_scale=key.cfg_scale, seed=args.seed,
+                          labels=tuple(range(loaded.num_classes)))
+    progress = not (args.json or args.no_progress)
+    if args.holdout:
+        fitted = stored_grams(prior)
+        grams, count = record_grams(loaded, prior, config, progress, args.device)
+        grams = {b: g.numpy() for b, g in grams.items()}
+        report = {"prior": args.prior, "holdout": True, "K": count, "seed": args.seed}
+    else:
+        report = fit_forecast_prior(loaded, args.prior, config, progress, args.device)
+        fitted = grams = stored_grams(load_prior(args.prior))
+        report.update(holdout=False, seed=args.seed)
+    report["intervals"] = fit_report(fitted, grams, order=args.order)
+    if args.json:
+        print_json(report)
+        return 0
+    where = "held-out samples" if args.holdout else "the fitting samples (in-sample)"
+    names = list(report["intervals"][0]["removed"])
+    print(f"forecast fit, {report['K']} uncached samples (seed {args.seed}); share of plain reuse's squared feature "
+          f"error removed on {where}, every reused step of an every-N-th-step schedule, all sites:")
+    print(f"{'N':>3} " + " ".join(f"{n:>10}" for n in names))
+    for row in report["intervals"]:
+        print(f"{row['interval']:>3} " + " ".join(f"{row['removed'][n]:>10.2%}" for n in names))
     return 0

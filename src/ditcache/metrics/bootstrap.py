@@ -180,3 +180,16 @@ def paired_difference(value_a: float, reps_a: np.ndarray, value_b: float, reps_b
     if not np.all(np.isfinite(diff)) or not math.isfinite(value):  # one side identical to uncached somewhere
         return Interval(float(value), math.nan, math.nan)
     return centred_interval(value, diff, level)
+
+
+def interval_columns(value: float, reps: np.ndarray, base: tuple[float, np.ndarray] | None = None) -> dict:
+    """A result row's FID interval keys (``fid_ci_low``, ``fid_ci_high``) and, given the ``base`` row's
+    (FID, replicates) drawn with the same indices, its paired difference FID - base FID
+    (``fid_diff``, ``fid_diff_ci_low``, ``fid_diff_ci_high``, ``fid_diff_significant``)."""
+    interval = centred_interval(value, reps)
+    row = {"fid_ci_low": interval.low, "fid_ci_high": interval.high}
+    if base is not None:
+        diff = paired_difference(value, reps, base[0], base[1])
+        row.update(fid_diff=diff.value, fid_diff_ci_low=diff.low, fid_diff_ci_high=diff.high,
+                   fid_diff_significant=diff.excludes_zero)
+    return row

@@ -71,6 +71,36 @@ def evaluate(samples: np.ndarray, labels: np.ndarray | None = None, reference: s
                                   reference_limit, progress, bootstrap, logits_weights)[0]
 
 
+def metrics_from_features(feats: dict, ref, bootstrap: int = REPLICATES, device: str = "cpu") -> tuple[dict, np.ndarray | None]:
+    """FID (with its bootstrap interval and replicates), sFID, precision and recall of sample features
+    {"pool" (N, 2048), "spatial" (N, D_s)} against a loaded reference: the metrics that need no images."""
+    mu, sigma = features_to_stats(feats["pool"])
+    mu_s, sigma_s = features_to_stats(feats["spatial"])
+    result = {
+        "fid": frechet_distance(mu, sigma, ref.mu, ref.sigma),
+        "fid_ci_low": None,
+        "fid_ci_high": None,
+        "sfid": frechet_distance(mu_s, sigma_s, ref.mu_s, ref.sigma_s),
+        "precision": None,
+        "recall": None,
+        "num_samples": len(feats["pool"]),
+        "num_reference": ref.num_images,
+        "reference": ref.name,
+        "reference_stats": "precomputed" if ref.precomputed else "computed",
+        "bootstrap": bootstrap,
+    }
+    # the FID's sampling uncertainty: resample the samples, the reference stays fixed
+    replicates = None
+    if bootstrap:
+        interval, replicates = FIDBootstrap(ref.mu, ref.sigma, bootstrap).interval(feats["pool"], result["fid"])
+        result["fid_ci_low"], result["fid_ci_high"] = interval.low, interval.high
+    # precision/recall need reference images, which a statistics-only reference lacks
+    if ref.pool is not None and len(ref.pool) > K:
+        result["precision"], result["recall"] = precision_recall(ref.pool, feats["pool"], device=device,
+                                                                 reference_radii=ref.pool_radii)
+    return result, replicates
+
+
 def evaluate_with_features(samples: np.ndarray, labels: np.ndarray | None = None, reference: str = "mnist",
                            extractor: InceptionExtractor | None = None, classifier=None,
                            cache_dir: str | os.PathLike | None = None, reference_limit: int | None = None,
@@ -88,38 +118,14 @@ def evaluate_with_features(samples: np.ndarray, labels: np.ndarray | None = None
     extractor = extractor if extractor is not None else InceptionExtractor()
     ref = get_reference(reference, extractor, cache_dir, reference_limit, progress)
 
-    # 1. features once, shared by every metric
+    # 1. features once, shared by every metric (FID with its interval, sFID, precision, recall)
     feats = extractor.features(samples, progress=progress)
-    mu, sigma = features_to_stats(feats["pool"])
-    mu_s, sigma_s = features_to_stats(feats["spatial"])
-    result = {
-        "fid": frechet_distance(mu, sigma, ref.mu, ref.sigma),
-        "fid_ci_low": None,
-        "fid_ci_high": None,
-        "sfid": frechet_distance(mu_s, sigma_s, ref.mu_s, ref.sigma_s),
-        "precision": None,
-        "recall": None,
-        "num_samples": len(samples),
-        "num_reference": ref.num_images,
-        "reference": ref.name,
-        "reference_stats": "precomputed" if ref.precomputed else "computed",
-        "preprocessing": extractor.preprocessing_key,
-        "bootstrap": bootstrap,
-    }
-    # 2. the FID's sampling uncertainty: resample the samples, the reference stays fixed
-    replicates = None
-    if bootstrap:
-        interval, replicates = FIDBootstrap(ref.mu, ref.sigma, bootstrap).interval(feats["pool"], result["fid"])
-        result["fid_ci_low"], result["fid_ci_high"] = interval.low, interval.high
-    # 3. precision/recall need reference images, which a statistics-only reference lacks
-    if ref.pool is not None and len(ref.pool) > K:
-        device = getattr(extractor, "device", "cpu")
-        result["precision"], result["recall"] = precision_recall(ref.pool, feats["pool"], device=device,
-                                                                 reference_radii=ref.pool_radii)
-    # 4. the evaluator's Inception Score, only from the real logits matrix
+    result, replicates = metrics_from_features(feats, ref, bootstrap, device=getattr(extractor, "device", "cpu"))
+    result["preprocessing"] = extractor.preprocessing_key
+    # 2. the evaluator's Inception Score, only from the real logits matrix
     if logits_weights is not None:
         result["inception_score"] = evaluator_inception_score(feats["pool"], logits_weights)
-    # 5. class metrics where the digit classifier applies
+    # 3. class metrics where the digit classifier applies
     if reference in CLASSIFIER_REFERENCES:
         from ditcache.metrics.classifier import classifier_probs, load_classifier
 
