@@ -158,6 +158,12 @@ def build_system(spec: str, base: torch.nn.Module, loaded) -> System:
     return Ditcache(transformer, spec, loaded.fingerprint, loaded.image_size)
 
 
+def failed_status(err: Exception) -> str:
+    """A row's status for a peer whose cache raised ``err`` on this model: its type and first line."""
+    first = str(err).splitlines()[0] if str(err) else ""
+    return f"failed on this model: {type(err).__name__}: {first}"[:160]
+
+
 def is_peer(spec: str) -> bool:
     return spec.startswith(("diffusers:", "cache-dit:"))
 
@@ -253,8 +259,7 @@ def compare_peers(loaded, config: SampleConfig, specs: Sequence[str], options: P
         except Exception as err:  # a peer's cache that breaks on this model is a row, not a crash
             if not is_peer(spec):
                 raise
-            first = str(err).splitlines()[0] if str(err) else ""
-            row["status"] = f"failed on this model: {type(err).__name__}: {first}"[:160]
+            row["status"] = failed_status(err)
             rows.append(row)
             continue
         reference = run if reference is None else reference

@@ -29,7 +29,7 @@ import torch
 
 from ..metrics.fidelity import fidelity
 from ..pipelines.toy import pixart_pipeline
-from .peers import NONE, CallCounter, NotApplicable, PeerRun, check_spec, is_peer
+from .peers import NONE, CallCounter, NotApplicable, PeerRun, check_spec, failed_status, is_peer
 
 # DPM-Solver++ 20 steps with every 2nd / 3rd / 4th step computed from step 0 (50% / 35% / 25% of the calls),
 # as diffusers' TaylorSeer with warmup 1 computes them (its interval 4 computes one step more: 30%);
@@ -166,8 +166,7 @@ def compare_pipeline_peers(specs: Sequence[str], job: PixArtJob = PixArtJob(), p
         except Exception as err:  # a peer's cache that breaks on this pipeline is a row
             if not is_peer(spec):
                 raise
-            first = str(err).splitlines()[0] if str(err) else ""
-            row["status"] = f"failed on this model: {type(err).__name__}: {first}"[:160]
+            row["status"] = failed_status(err)
             rows.append(row)
             continue
         reference = run if reference is None else reference

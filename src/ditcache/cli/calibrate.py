@@ -79,15 +79,7 @@ def add_parser(sub) -> None:
                     "in the prior, so that eoc:prior=PATH,fit=branch|block|step uses the fitted γ. Prints the "
                     "fitted γ and the share of the squared reuse error each variant removes. With --holdout the "
                     "prior is left alone and the γ fitted earlier is scored on these (new) samples.")
-    f.add_argument("--prior", required=True, help="a prior artifact from `ditcache calibrate eoc`")
-    f.add_argument("--model", default="mnist", help="the prior's model (default: mnist)")
-    f.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    f.add_argument("--num-samples", type=int, default=200, help="K uncached samples (default: 200)")
-    f.add_argument("--batch-size", type=int, default=100, help="samples per batch (default: 100)")
-    f.add_argument("--seed", type=int, default=1, help="sampling seed; use another one with --holdout (default: 1)")
-    f.add_argument("--holdout", action="store_true", help="score the stored fit on these samples, store nothing")
-    f.add_argument("--json", action="store_true", help="print one JSON object")
-    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_fit_args(f, batch_size=100)
     f.set_defaults(func=run_eoc_fit)
 
     ff = targets.add_parser(
@@ -98,16 +90,8 @@ def add_parser(sub) -> None:
                     "the squared feature error of plain reuse that the unfitted and fitted forecasts remove under "
                     "every-N-th-step schedules. With --holdout the prior is left alone and the stored fit is scored "
                     "on these (new) samples.")
-    ff.add_argument("--prior", required=True, help="a prior artifact from `ditcache calibrate eoc`")
-    ff.add_argument("--model", default="mnist", help="the prior's model (default: mnist)")
-    ff.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    ff.add_argument("--num-samples", type=int, default=200, help="K uncached samples (default: 200)")
-    ff.add_argument("--batch-size", type=int, default=50, help="samples per batch (default: 50)")
-    ff.add_argument("--seed", type=int, default=1, help="sampling seed; use another one with --holdout (default: 1)")
+    _add_fit_args(ff, batch_size=50)
     ff.add_argument("--order", type=int, default=2, help="highest order scored and fitted (default: 2)")
-    ff.add_argument("--holdout", action="store_true", help="score the stored fit on these samples, store nothing")
-    ff.add_argument("--json", action="store_true", help="print one JSON object")
-    ff.add_argument("--no-progress", action="store_true", help="no progress bar")
     ff.set_defaults(func=run_forecast_fit)
 
     r = targets.add_parser(
@@ -134,6 +118,19 @@ def add_parser(sub) -> None:
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=run_reuse_cost)
+
+
+def _add_fit_args(p: argparse.ArgumentParser, batch_size: int) -> None:
+    """The arguments every fit on a prior takes (``eoc-fit``, ``forecast-fit``)."""
+    p.add_argument("--prior", required=True, help="a prior artifact from `ditcache calibrate eoc`")
+    p.add_argument("--model", default="mnist", help="the prior's model (default: mnist)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--num-samples", type=int, default=200, help="K uncached samples (default: 200)")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"samples per batch (default: {batch_size})")
+    p.add_argument("--seed", type=int, default=1, help="sampling seed; use another one with --holdout (default: 1)")
+    p.add_argument("--holdout", action="store_true", help="score the stored fit on these samples, store nothing")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _set_help(parser: argparse.ArgumentParser, dest: str, text: str) -> None:
