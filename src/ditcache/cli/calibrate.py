@@ -304,8 +304,9 @@ def run_reuse_cost(args) -> int:
     return 0
 
 
-def run_eoc_fit(args) -> int:
-    from ..calibration.eoc_fit import fit_prior, fit_report, record_fit_sums, stored_sums
+def _fit_inputs(args):
+    """(prior, model, sampling config, progress) of a fit on a prior: K uncached samples with the
+    prior's sampler, steps and guidance, labels cycling through the classes."""
     from ..sampling.generate import SampleConfig
 
     prior = load_prior(args.prior)
@@ -315,6 +316,13 @@ def run_eoc_fit(args) -> int:
                           steps=key.steps, cfg_scale=key.cfg_scale, seed=args.seed,
                           labels=tuple(range(loaded.num_classes)))
     progress = not (args.json or args.no_progress)
+    return prior, loaded, config, progress
+
+
+def run_eoc_fit(args) -> int:
+    from ..calibration.eoc_fit import fit_prior, fit_report, record_fit_sums, stored_sums
+
+    prior, loaded, config, progress = _fit_inputs(args)
     if args.holdout:
         fitted = stored_sums(prior)
         sums, count = record_fit_sums(loaded, prior, config, progress, args.device)
@@ -340,15 +348,8 @@ def run_eoc_fit(args) -> int:
 
 def run_forecast_fit(args) -> int:
     from ..calibration.forecast_fit import fit_forecast_prior, fit_report, record_grams, stored_grams
-    from ..sampling.generate import SampleConfig
 
-    prior = load_prior(args.prior)
-    key = prior.key
-    loaded = load_model(args.model, vae=None, device=args.device)
-    config = SampleConfig(num_samples=args.num_samples, batch_size=args.batch_size, sampler=key.sampler,
-                          steps=key.steps, cfg_scale=key.cfg_scale, seed=args.seed,
-                          labels=tuple(range(loaded.num_classes)))
-    progress = not (args.json or args.no_progress)
+    prior, loaded, config, progress = _fit_inputs(args)
     if args.holdout:
         fitted = stored_grams(prior)
         grams, count = record_grams(loaded, prior, config, progress, args.device)
