@@ -99,6 +99,10 @@ class Adapter:
     dims: Callable[[nn.Module], Dims]
     matches: Callable[[nn.Module], bool]
     cross_attr: Optional[str] = None  # cross-attention sub-module inside a block, where there is one
+    # (branch, attribute) of each block module whose output only feeds that branch's sub-module: its
+    # input norm (with the modulation, where the norm does it). The engine runs it on one token when
+    # the site is reused, since the block then throws its output away (``CacheEngine.skip_inputs``)
+    input_attrs: tuple[tuple[Branch, str], ...] = ()
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return getattr(model, self.blocks_attr)
@@ -119,6 +123,13 @@ class Adapter:
             for branch in order:
                 sites[Site(i, branch)] = getattr(block, attrs[branch])
         return sites
+
+
+    def input_modules(self, model: nn.Module) -> dict[Site, nn.Module]:
+        """The input module of every site that has one (``input_attrs``), keyed by site."""
+        branches = self.branches(model)
+        return {Site(i, branch): getattr(block, attr) for i, block in enumerate(self.blocks(model))
+                for branch, attr in self.input_attrs if branch in branches and getattr(block, attr, None) is not None}
 
 
 ADAPTERS: dict[str, Adapter] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..types import Branch
 from .base import Adapter, Dims, register_adapter
 
 
@@ -46,6 +47,7 @@ DIT = register_adapter(
         mlp_attr="mlp",
         dims=_dit_dims,
         matches=lambda m: hasattr(m, "blocks") and hasattr(m, "x_embedder"),
+        input_attrs=((Branch.ATTN, "norm1"), (Branch.MLP, "norm2")),
     )
 )
 
@@ -58,6 +60,9 @@ DIFFUSERS_DIT = register_adapter(
         attn_attr="attn1",
         mlp_attr="ff",
         dims=lambda m: _diffusers_dims(m, embeds_per_block=True),
+        # norm1 is AdaLayerNormZero (embedding, modulation and norm in one module: run on one token it
+        # still returns the full gates); norm3 feeds the MLP (norm2 belongs to a cross-attention DiT lacks)
+        input_attrs=((Branch.ATTN, "norm1"), (Branch.MLP, "norm3")),
         matches=lambda m: hasattr(m, "transformer_blocks") and hasattr(m, "proj_out_2"),
     )
 )
@@ -80,6 +85,8 @@ PIXART = register_adapter(
         mlp_attr="ff",
         cross_attr="attn2",
         dims=_pixart_dims,
+        # ada_norm_single: norm1 feeds attn1 and norm2 the MLP; attn2 reads the hidden states un-normed
+        input_attrs=((Branch.ATTN, "norm1"), (Branch.MLP, "norm2")),
         matches=lambda m: hasattr(m, "transformer_blocks") and hasattr(m, "adaln_single")
         and hasattr(m, "caption_projection"),
     )

@@ -49,6 +49,8 @@ class StaticCompileEngine(CacheEngine):
     """A ``CacheEngine`` whose wrappers are traceable by dynamo for static schedules."""
 
     _plan: Optional[str] = None  # the current step's row ("c"/"r"/"x" per site in install order); None outside a run
+    # no input wrappers: a reused site's input has no use in the traced graph, so the compiler drops it
+    patches_inputs = False
 
     def install(self) -> "StaticCompileEngine":
         self._order: list[Site] = []  # the sites in the order their wrappers were made

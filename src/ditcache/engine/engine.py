@@ -18,6 +18,15 @@ features are on CUDA, True always, False never. On the CPU the per-call path is 
 (each site's feature is still in the caches when its finite sum is taken), and it gives the same
 tensors bit for bit; dynamic policies always take it.
 
+A reused site still has its input made by the block (the norm and modulation before the sub-module),
+which the block then throws away. With a static schedule the engine knows which sites a step reuses,
+so it also wraps each site's input module (``Adapter.input_attrs``) and runs it on the first token
+only for those (``skip_inputs``, on by default): the block's arithmetic on the reused feature is
+unchanged, so the outputs are the same bits, and a reused block costs its gated residual adds.
+Dynamic policies and policies that observe inputs keep the full inputs. The residual stream is made
+contiguous at the first block (the patch embedding hands over a transposed view, which every
+element-wise op of the stack would otherwise walk in the transposed order): the same values.
+
 Outside a sampling run (before ``begin_run`` or after ``end_run``) every wrapper calls straight
 through, so the installed model behaves as the bare model.
 """
@@ -42,6 +51,8 @@ from .patching import ForwardPatches, claim, release
 
 class CacheEngine:
     """Feature caching on one model. Use as a context manager or ``install()`` / ``remove()``."""
+
+    patches_inputs = True  # wrap the sites' input modules (``skip_inputs``)
 
     def __init__(
         self,
@@ -68,6 +79,10 @@ class CacheEngine:
         self.step_ahead: Optional[bool] = None  # correct a whole step at its start: None on CUDA, True, False
         self._ahead: dict[Site, torch.Tensor] = {}  # this step's corrected features, made at begin_step
         self._ahead_on = False
+        # run a reused site's input module on one token (static schedules); False: always in full
+        self.skip_inputs = True
+        self._skip_on = False
+        self._skipped: frozenset[Site] = frozenset()  # sites whose input module runs on one token this step
         self.model_info: dict = {}  # fingerprint / resolution of the loaded model, for RunInfo
 
     def describe_model(self, fingerprint: str, resolution: int) -> "CacheEngine":
@@ -91,6 +106,9 @@ class CacheEngine:
             self._patches.patch(block, self._block_forward(i, len(blocks), block.forward))
         for site, module in self.adapter.site_modules(self.model).items():
             self._patches.patch(module, self._site_forward(site, module.forward))
+        if self.patches_inputs:
+            for site, module in self.adapter.input_modules(self.model).items():
+                self._patches.patch(module, self._input_forward(site, module.forward))
         return self
 
     def remove(self) -> None:
@@ -130,12 +148,15 @@ class CacheEngine:
         self._ahead_on = (self.step_ahead is not False and schedule is not None and bool(self.correctors)
                           and all(c.ahead for c in self.correctors))
         self._observes = type(self.policy).observe is not Policy.observe
+        self._skip_on = self.skip_inputs and schedule is not None and not self._observes
+        self._skipped = frozenset()
 
     def begin_step(self, step: StepInfo) -> None:
         self._note_memory()
         self._step = step
         self.finite_watch.clear()
         self._ahead.clear()
+        self._skipped = frozenset(self.policy.schedule().cached_sites(step.index)) if self._skip_on else frozenset()
         if self._ahead_on and (self.step_ahead or any(t.is_cuda for t in self.store.values())):
             self._correct_step(step)
             self._note_memory()
@@ -145,6 +166,7 @@ class CacheEngine:
         self._step = None
         self.store.clear()
         self._ahead.clear()
+        self._skipped = frozenset()
 
     def _correct_step(self, step: StepInfo) -> None:
         """Make the corrected feature of every site the schedule reuses at ``step`` (into ``_ahead``)."""
@@ -171,6 +193,9 @@ class CacheEngine:
                 return original(*args, **kwargs)
             hidden = args[0] if args else kwargs["hidden_states"]
             batch = hidden.shape[0]
+            if index == 0 and not hidden.is_contiguous():
+                hidden = hidden.contiguous()  # the same values in row order (module docstring)
+                args, kwargs = ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
             if index == 0:
                 self.counters.forward(step.index, batch)
                 self._trunk_reused = self.policy.uses_trunk and self.policy.trunk_action(step).kind is Kind.REUSE
@@ -235,6 +260,16 @@ class CacheEngine:
                     corrector.observe(step, site, action.kind, out)
                 self.corrector_seconds += time.perf_counter() - start
             return out
+
+        return forward
+
+    def _input_forward(self, site: Site, original):
+        def forward(x, *args, **kwargs):
+            if site in self._skipped:
+                # the site is reused, so the block discards what this makes: one token keeps every
+                # other output (adaLN-Zero's gates) whole and the shapes broadcasting as before
+                return original(x[:, :1], *args, **kwargs)  # (B, 1, C)
+            return original(x, *args, **kwargs)
 
         return forward
 
