@@ -28,14 +28,12 @@ import tempfile
 
 import torch
 
-from ditcache.bench.compare import parse_cache
-from ditcache.bench.speed import random_dit, round_robin, speed_table, time_policies
+from ditcache.bench.speed import random_dit, speed_table, time_engine_variants, time_policies
 from ditcache.calibration.prior import extract_prior
-from ditcache.engine import CacheEngine
 from ditcache.models.loading import load_model
-from ditcache.sampling.generate import SampleConfig, generate
+from ditcache.sampling.generate import SampleConfig
 
-PATHS = {"per-call": False, "step-ahead": True}
+PATHS = {"per-call": {"step_ahead": False}, "step-ahead": {"step_ahead": True}}
 
 
 def load() -> str:
@@ -66,19 +64,6 @@ def xl_job(args):
     return f"DiT-XL/2 shape (random weights, depth {args.xl_depth}), DDIM-8, 2 rows", loaded, config, specs
 
 
-def paired(specs: list) -> list:
-    """Every corrector spec twice, SPEC|per-call and SPEC|step-ahead; the reference row stays first."""
-    return [specs[0]] + [f"{spec}|{path}" for spec in specs[1:] for path in PATHS]
-
-
-def run_path(loaded, config, name: str):
-    spec, _, path = name.partition("|")
-    policy, correctors = parse_cache(spec)
-    with CacheEngine(loaded.module, policy, correctors) as engine:
-        engine.step_ahead = PATHS.get(path)  # None (the default) for the reference row
-        return generate(loaded, config, engine=engine)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--which", default="default,xl", help="default, xl or both (default: default,xl)")
@@ -92,7 +77,7 @@ def main() -> None:
         title, loaded, config, specs = jobs[which](args)
         print(f"{title}; {torch.get_num_threads()} threads; load average before: {load()}", flush=True)
         if args.step_ahead:
-            rows = round_robin(lambda spec: run_path(loaded, config, spec), paired(specs), args.repeats, progress=False)
+            rows = time_engine_variants(loaded, config, specs, PATHS, args.repeats)
         else:
             rows = time_policies(loaded, config, specs, args.repeats, progress=False)
         print(speed_table(rows))

@@ -25,3 +25,28 @@ def test_table_shows_median_and_min_max_and_warns_above_the_bound():
 def test_a_single_repeat_is_flagged():
     rows = _rows([1.0], [0.6], macs_ratio=0.52)
     assert rows[1].warning == "rule:preset=rm-50: one repeat, so no spread: time it with --repeats 3 or more"
+
+
+def test_engine_variants_time_each_spec_under_each_setting_in_turn(monkeypatch):
+    from ditcache.bench import speed
+    from ditcache.engine import CacheEngine
+
+    from ..correctors.conftest import tiny_loaded
+
+    seen = []
+    real = speed.generate
+
+    def spy(loaded, config, engine=None, **kw):
+        seen.append(engine.skip_inputs)
+        return real(loaded, config, engine=engine, **kw)
+
+    monkeypatch.setattr(speed, "generate", spy)
+    from ditcache.sampling.generate import SampleConfig
+
+    variants = {"full": {"skip_inputs": False}, "skip": {"skip_inputs": True}}
+    rows = speed.time_engine_variants(tiny_loaded(), SampleConfig(num_samples=2, batch_size=2, steps=4), ["none", "fora:interval=2"],
+                                      variants, repeats=2)
+    assert [r.spec for r in rows] == ["none", "fora:interval=2|full", "fora:interval=2|skip"]
+    # warm-up, then per repeat: the reference, full, skip
+    assert seen == [True, True, False, True, True, False, True]
+    assert rows[1].macs_ratio == rows[2].macs_ratio < 1 and isinstance(CacheEngine.patches_inputs, bool)

@@ -107,6 +107,17 @@ def test_max_step_only_touches_steps_up_to_k(loaded, prior_path):
             assert seen_out[key] is x
 
 
+def test_max_step_corrects_without_reading_the_prior_for_scores(loaded, prior_path):
+    """With the paper's ablation rule the score is not needed: no |T| mean (a pass and a sync per
+    site and step) is taken while sampling; the plan still reports the scores."""
+    policy = make_policy("rule", preset="rm-50")
+    _, _, eoc = spied(loaded, prior_path, policy, max_step=3)
+    assert eoc._errors == {} and eoc._error_ref is None and len(eoc._factors) > 0
+    entries = eoc.plan(policy.schedule())
+    assert all(e.score > 0 for e in entries) and eoc._error_ref > 0
+    assert {(e.step, e.optimised) for e in entries} == {(1, True), (3, True), (5, False)}
+
+
 def test_fora_interval_3_trend_spans_the_whole_gap(loaded, prior_path):
     """FORA N=3 at 6 steps computes at 0, 2, 5: step 4 reuses step 2's feature, trend P[4] - P[2]."""
     seen_in, seen_out, eoc = spied(loaded, prior_path, make_policy("fora", interval=3), gamma=0.25, max_step=STEPS)

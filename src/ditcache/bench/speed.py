@@ -102,6 +102,23 @@ def time_policies(loaded, config: SampleConfig, specs=DEFAULT_SPECS, repeats: in
     return round_robin(run, specs, repeats, progress)
 
 
+def time_engine_variants(loaded, config: SampleConfig, specs: list, variants: dict, repeats: int = 3,
+                         progress: bool = False) -> list[SpeedRow]:
+    """Every spec after the first under each engine setting of ``variants`` ({name: {CacheEngine
+    attribute: value}}), interleaved, as rows "SPEC|name"; the first spec runs once, as the reference.
+    For A/B timings of one engine option (``step_ahead``, ``skip_inputs``) in the same process."""
+    def run(name):
+        spec, _, variant = name.partition("|")
+        policy, correctors = parse_cache(spec)
+        with CacheEngine(loaded.module, policy, correctors) as engine:
+            for attr, value in variants.get(variant, {}).items():
+                setattr(engine, attr, value)
+            return generate(loaded, config, engine=engine)
+
+    names = [specs[0]] + [f"{spec}|{variant}" for spec in specs[1:] for variant in variants]
+    return round_robin(run, names, repeats, progress)
+
+
 def round_robin(run, specs, repeats: int = 3, progress: bool = True) -> list[SpeedRow]:
     """Time ``run(spec)`` (which returns an object with ``seconds`` and ``report``) for every spec after
     one warm-up of the first; speed-ups are against the first spec."""

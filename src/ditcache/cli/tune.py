@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
                     "trajectory's per-step feature change, score by PSNR to the uncached samples, time the best "
                     "candidates on this device (interleaved repeats) and return the best configuration meeting the "
                     "target as measured (or say that none does: exit status 1, nothing chosen). The choice and the best "
-                    "preset are checked again on held-out noise (--heldout-seed): PSNR with 95%% bootstrap intervals "
+                    "preset are checked again on held-out noise (--heldout-seed): PSNR with 95% bootstrap intervals "
                     "and the paired interval of their difference. Writes OUT/tuned-<target> (use it with --policy tuned:path=...), "
                     "OUT/front-<target>.json/.png and OUT/result-<target>.json. Interrupt and rerun to resume: "
                     "every configuration is saved as it finishes.")

@@ -123,7 +123,7 @@ class EocCorrector(Corrector):
         self.config = config
         self.branches = BRANCH_CHOICES[config.branches]
         self.prior: Optional[Prior] = None
-        self._error_ref = 0.0
+        self._error_ref: Optional[float] = None  # E_ref, made when a score is first needed
         self._gamma: Optional[torch.Tensor] = None  # fitted γ (2, S, L) when fit != "none"
         self._computed: dict[Site, list[int]] = {}  # steps at which each site's stored feature was computed
         # (branch, block, t, s) -> mean|T| and (t, block, since) -> (score, optimise); both depend on the
@@ -137,7 +137,6 @@ class EocCorrector(Corrector):
         super().reset(run)
         if self.prior is None:
             self.prior = load_prior(self.config.prior, ArtifactKey.from_run(run))
-            self._error_ref = self._one_step_max()
             if self.config.fit != "none":
                 self._gamma = fitted_gamma(stored_sums(self.prior), self.config.mode, self.config.fit)
         self.prior.check_run(run)
@@ -179,7 +178,7 @@ class EocCorrector(Corrector):
         if site.is_trunk or site.branch.value not in self.branches:
             return None
         since = {b: self._last_before(Site(site.block, b), step.index) for b in BRANCHES}
-        if not self._decide(step.index, site.block, since)[1]:
+        if not self._optimises(step.index, site.block, since):
             return None
         if self.prior.means["attn"].device != cached.device:
             self.prior.to(cached.device)
@@ -227,9 +226,18 @@ class EocCorrector(Corrector):
         """S of eq. 6 for a cached block whose branches were last computed at ``since[branch]``."""
         errors = [self._error(b.value, block, step, s) for b, s in since.items() if s is not None]
         error = sum(errors) / len(errors) if errors else 0.0
+        if self._error_ref is None:
+            self._error_ref = self._one_step_max()
         normalised = error / self._error_ref if self._error_ref > 0 else 0.0
         position = 1.0 - step / (self.run.num_steps - 1) if self.run.num_steps > 1 else 1.0
         return self.config.lam * normalised + (1.0 - self.config.lam) * position
+
+    def _optimises(self, step: int, block: int, since: dict) -> bool:
+        """Whether EOC corrects this cached block; with ``max_step`` no score is computed (the
+        errors behind it read the prior, a pass and a device sync per site and step)."""
+        if self.config.max_step is not None:
+            return step <= self.config.max_step
+        return self._decide(step, block, since)[1]
 
     def _decide(self, step: int, block: int, since: dict) -> tuple[float, bool]:
         key = (step, block, tuple(since.items()))
