@@ -173,3 +173,27 @@ def test_min_psnr_returns_a_configuration_above_the_floor(tmp_path, loaded):
     chosen = rows[result["chosen"]]
     assert chosen["psnr_vs_uncached"] is None or chosen["psnr_vs_uncached"] >= 30.0  # None: identical (inf)
     assert chosen["compute_fraction"] < 1
+
+
+def test_a_speed_target_refits_the_time_model_to_the_measured_candidates(tmp_path, loaded, monkeypatch):
+    """The probe says no fixed share (rm-50 at its bound), so 1.6x looks like 3 of 6 steps reused; the
+    device really spends half its time outside the sub-layers (a = 0.5), where only sets of 5 reach
+    1.6x. Without the refit nothing would be chosen; with it the 5-step sets are searched and timed."""
+    def macs(spec):
+        base = spec.split("+")[0]
+        k = len(base.split("=")[1].split("/")) if base.startswith("rule:steps=") else len(preset_steps(base, 6))
+        return (6 - k) / 6 + 0.02
+
+    def fake(loaded, config, specs, out, name, options):
+        true = lambda m: 1 / (0.5 + 0.5 * m) if name != "speed_model.json" else 1 / m  # noqa: E731
+        return {s: {"speedup": 1.0 if s == "none" else true(macs(s)), "macs_ratio": 1.0 if s == "none" else macs(s)}
+                for s in specs}
+
+    monkeypatch.setattr(search_mod, "_timing", fake)
+    result = tune(loaded, CONFIG, tmp_path / "t", options(target_compute=None, target_speedup=1.6))
+    assert result["target_met"] is True
+    assert len(result["chosen"].split("+")[0].split("=")[1].split("/")) == 5
+    assert any(n.startswith("refit 1: ") and "of 5 reused steps" in n for n in result["notes"])
+    monkeypatch.setattr(search_mod, "REFITS", 0)  # the same search without the refit: nothing meets 1.6x
+    again = tune(loaded, CONFIG, tmp_path / "u", options(target_compute=None, target_speedup=1.6))
+    assert again["target_met"] is False
