@@ -193,7 +193,36 @@ def test_a_speed_target_refits_the_time_model_to_the_measured_candidates(tmp_pat
     result = tune(loaded, CONFIG, tmp_path / "t", options(target_compute=None, target_speedup=1.6))
     assert result["target_met"] is True
     assert len(result["chosen"].split("+")[0].split("=")[1].split("/")) == 5
-    assert any(n.startswith("refit 1: ") and "of 5 reused steps" in n for n in result["notes"])
+    assert any(n.startswith("refit 1: ") and "of 5 reused steps" in n and "timed" in n for n in result["notes"])
     monkeypatch.setattr(search_mod, "REFITS", 0)  # the same search without the refit: nothing meets 1.6x
     again = tune(loaded, CONFIG, tmp_path / "u", options(target_compute=None, target_speedup=1.6))
     assert again["target_met"] is False
+
+
+def test_a_refit_times_untimed_candidates_of_sizes_already_searched(tmp_path, monkeypatch):
+    """DDIM-20, 2x: the first model (rm-50 at 1.96x: no fixed share) timed the best three levels up to
+    MACs 0.57; they measured 1.62-1.94x, which fit a share of about 15%, so MACs <= 0.415 is needed:
+    sets of 12 were searched already, but their best (MACs 0.409) had not been timed."""
+    from types import SimpleNamespace
+
+    rows = [("fora:interval=2", 0.557, 34.3, 1.655), ("rule:preset=rm-50+goc", 0.508, 33.0, 1.618),
+            ("rule:steps=1/2/3/5/7/9/11/13/15/16/18", 0.459, 32.3, 1.938),
+            ("rule:steps=1/2/3/4/6/7/9/11/13/15/16/18", 0.409, 30.1, None)]
+    evaluate = SimpleNamespace(rows={s: {"spec": s, "macs_ratio": m, "compute_fraction": m, "psnr_vs_uncached": p}
+                                     for s, m, p, _ in rows})
+    timing = {"none": {"speedup": 1.0}} | {s: {"speedup": x} for s, _, _, x in rows if x is not None}
+    calls = []
+
+    def fake(loaded, config, specs, out, name, options):
+        calls.append((specs, name))
+        return {s: {"speedup": 1.0 if s == "none" else 2.07} for s in specs}
+
+    monkeypatch.setattr(search_mod, "_timing", fake)
+    searched = search_mod.Searched(sizes={10, 11, 12})
+    timing, notes = search_mod.refine(evaluate, None, SimpleNamespace(steps=20), tmp_path,
+                                      TuneOptions(target_speedup=2.0), timing, searched, [], "t")
+    assert calls == [(["none", rows[3][0]], "timing-t-refit1.json")]
+    assert timing[rows[3][0]]["speedup"] == 2.07 and searched.sizes == {10, 11, 12}
+    assert len(notes) == 1 and "fixed time share of 14." in notes[0] and notes[0].endswith("timed 1 more")
+    chosen, _ = choose(list(evaluate.rows.values()), timing, TuneOptions(target_speedup=2.0))
+    assert chosen["spec"] == rows[3][0]

@@ -308,19 +308,24 @@ def refine(evaluate, loaded, config: SampleConfig, out: Path, options: TuneOptio
         if a is None:
             break
         need = (1 / options.target_speedup - a) / (1 - a)
-        k = reused_steps(need, config.steps) if need > 0 else None
-        if k is None or k in searched.sizes:
+        if need <= 0:
             break
-        notes.append(f"refit {round_}: the {len(timing) - 1} measured configurations give a fixed time share of "
-                     f"{a:.1%}, so MACs <= {max(need, 0):.3f}: searched sets of {k} reused steps as well")
-        searched.sizes.add(k)
-        try:
-            _climb_size(evaluate, k, config.steps, changes, searched.suffix, options)
-        except BudgetSpent as err:
-            notes.append(f"refit {round_} stopped early: {err}")
+        note = (f"refit {round_}: the {len(timing) - 1} measured configurations give a fixed time share of {a:.1%}, "
+                f"so MACs <= {need:.3f}")
+        k = reused_steps(need, config.steps)
+        if k not in searched.sizes:
+            searched.sizes.add(k)
+            note += f"; searched sets of {k} reused steps as well"
+            try:
+                _climb_size(evaluate, k, config.steps, changes, searched.suffix, options)
+            except BudgetSpent as err:
+                notes.append(f"refit {round_} stopped early: {err}")
+        # the sizes may all have been searched, yet the first timing took only the best few of the
+        # MACs levels the first model allowed, which may not be the levels the refitted one needs
         new = [s for s in timing_candidates(list(evaluate.rows.values()), need, options) if s not in timing]
         if not new:
             break
+        notes.append(f"{note}; timed {len(new)} more")
         timing = {**timing, **_timing(loaded, config, ["none"] + new, out, f"timing-{tag}-refit{round_}.json", options)}
     return timing, notes
 
