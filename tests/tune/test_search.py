@@ -226,3 +226,19 @@ def test_a_refit_times_untimed_candidates_of_sizes_already_searched(tmp_path, mo
     assert len(notes) == 1 and "fixed time share of 14." in notes[0] and notes[0].endswith("timed 1 more")
     chosen, _ = choose(list(evaluate.rows.values()), timing, TuneOptions(target_speedup=2.0))
     assert chosen["spec"] == rows[3][0]
+
+
+def test_a_refit_times_only_what_could_change_the_choice():
+    """DDIM-50, 2x: the sets of 29-31 reused steps measured 1.84-1.95x and FORA-3 2.04x at 35.9 dB. A
+    refit must not time those levels again (a set of the same size and corrector takes the same
+    time); it times the best untimed set of a new level that beats 35.9 dB."""
+    def row(spec, macs, psnr):
+        return {"spec": spec, "macs_ratio": macs, "compute_fraction": macs, "psnr_vs_uncached": psnr}
+
+    rows = [row("fora:interval=3", 0.370, 35.9), row("a31", 0.390, 38.1), row("b31", 0.390, 38.0),
+            row("c32", 0.370, 37.2), row("d32", 0.370, 36.9), row("e33", 0.350, 35.0), row("f32+goc", 0.370, 37.5)]
+    timing = {"fora:interval=3": {"speedup": 2.04}, "a31": {"speedup": 1.95}}
+    new = search_mod.refit_candidates(rows, timing, 0.377, TuneOptions(target_speedup=2.0, timed=3))
+    # b31: a timed set of its level missed; e33: below the PSNR to beat; c32 and f32+goc: the best of
+    # their levels (FORA-3 met the target at 0.370 without GOC, so that level is open)
+    assert new == ["f32+goc", "c32"]

@@ -322,7 +322,7 @@ def refine(evaluate, loaded, config: SampleConfig, out: Path, options: TuneOptio
                 notes.append(f"refit {round_} stopped early: {err}")
         # the sizes may all have been searched, yet the first timing took only the best few of the
         # MACs levels the first model allowed, which may not be the levels the refitted one needs
-        new = [s for s in timing_candidates(list(evaluate.rows.values()), need, options) if s not in timing]
+        new = refit_candidates(list(evaluate.rows.values()), timing, need, options)
         if not new:
             break
         notes.append(f"{note}; timed {len(new)} more")
@@ -375,6 +375,27 @@ def timing_candidates(rows: list[dict], need_macs: float, options: TuneOptions) 
     best = sorted(levels.values(), key=order)[:options.timed]
     presets = sorted((r for r in ok if "steps=" not in r["spec"]), key=order)[:1]
     return list(dict.fromkeys(r["spec"] for r in best + presets))
+
+
+def _level(row: dict) -> tuple:
+    """Configurations of one MACs level and corrector take the same time: one timing speaks for all."""
+    return round(row["macs_ratio"], 3), row["spec"].endswith(GOC)
+
+
+def refit_candidates(rows: list[dict], timing: dict, need_macs: float, options: TuneOptions) -> list[str]:
+    """What a refit times: untimed rows that could still change the choice (PSNR above the best timed
+    row meeting the target), at most SPEED_MARGIN above the refitted MACs ratio, none at a level
+    (MACs ratio and corrector) where a timed row already missed the target; the best of each
+    level, the ``timed`` best levels."""
+    timed = _timed(rows, timing)
+    best_met = max((r["psnr_vs_uncached"] for r in timed if r["speedup"] >= options.target_speedup), default=-math.inf)
+    missed = {_level(r) for r in timed if r["speedup"] < options.target_speedup}
+    pool = [r for r in rows if r["spec"] not in timing and r["psnr_vs_uncached"] > best_met
+            and _level(r) not in missed and r["macs_ratio"] <= need_macs * (1 + SPEED_MARGIN) + 1e-9]
+    levels: dict[tuple, dict] = {}
+    for r in sorted(pool, key=lambda r: -r["psnr_vs_uncached"]):
+        levels.setdefault(_level(r), r)
+    return [r["spec"] for r in list(levels.values())[:options.timed]]
 
 
 def pareto(rows: list[dict]) -> set[str]:
