@@ -64,3 +64,11 @@ def test_roles_say_when_the_target_was_not_met():
     assert [_role(s, chosen, preset, met=False) for s in ("rule:steps=1/2", "fora:interval=4")] == \
         ["fastest", "fastest preset"]
     assert _role("fora:interval=4", preset, preset) == "chosen=preset"
+
+
+def test_plot_labels_name_a_step_set_by_its_size():
+    from ditcache.tune.report import short_name
+
+    assert short_name("rule:steps=1/2/4/6+goc") == "rule:steps (4 reused)+goc"
+    assert short_name("rule:steps=3/5") == "rule:steps (2 reused)"
+    assert short_name("fora:interval=3") == "fora:interval=3"

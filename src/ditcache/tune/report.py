@@ -108,6 +108,15 @@ def save_front(rows: list[dict], timing: dict, chosen: Optional[dict], out: Path
     return str(out / f"front-{tag}.json")
 
 
+def short_name(spec: str) -> str:
+    """A plot label: a step set by its size ("rule:steps (39 reused)+goc"), so a 50-step set's
+    list does not squeeze the axes; the full specs are in the front's JSON."""
+    if not spec.startswith("rule:steps="):
+        return spec
+    base, plus, rest = spec.partition("+")
+    return f"rule:steps ({len(base.split('=', 1)[1].split('/'))} reused){plus}{rest}"
+
+
 def plot_front(entries: list[dict], path: Path) -> None:
     """PSNR against measured speed-up (timed configurations) and against 1 / MACs ratio (all); chosen starred."""
     import matplotlib
@@ -128,7 +137,7 @@ def plot_front(entries: list[dict], path: Path) -> None:
                 dict(marker="o", s=22, c="tab:blue" if e["pareto"] else "lightgray")
             ax.scatter(x, y, **style)
             if e["chosen"] or (e["pareto"] and "steps=" not in e["spec"]):
-                name = e["spec"] + (" (identical: inf dB)" if y == cap else "")
+                name = short_name(e["spec"]) + (" (identical: inf dB)" if y == cap else "")
                 ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel(label)
         ax.set_ylabel("PSNR to uncached (dB), tuning set")
