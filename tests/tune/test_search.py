@@ -235,10 +235,18 @@ def test_a_refit_times_only_what_could_change_the_choice():
     def row(spec, macs, psnr):
         return {"spec": spec, "macs_ratio": macs, "compute_fraction": macs, "psnr_vs_uncached": psnr}
 
-    rows = [row("fora:interval=3", 0.370, 35.9), row("a31", 0.390, 38.1), row("b31", 0.390, 38.0),
-            row("c32", 0.370, 37.2), row("d32", 0.370, 36.9), row("e33", 0.350, 35.0), row("f32+goc", 0.370, 37.5)]
-    timing = {"fora:interval=3": {"speedup": 2.04}, "a31": {"speedup": 1.95}}
+    rows = [row("fora:interval=3", 0.370, 35.9), row("rule:steps=a31", 0.390, 38.1), row("rule:steps=b31", 0.390, 38.0),
+            row("rule:steps=c32", 0.370, 37.2), row("rule:steps=d32", 0.370, 36.9), row("rule:steps=e33", 0.350, 35.0), row("rule:steps=f32+goc", 0.370, 37.5)]
+    timing = {"fora:interval=3": {"speedup": 2.04}, "rule:steps=a31": {"speedup": 1.95}}
     new = search_mod.refit_candidates(rows, timing, 0.377, TuneOptions(target_speedup=2.0, timed=3))
     # b31: a timed set of its level missed; e33: below the PSNR to beat; c32 and f32+goc: the best of
     # their levels (FORA-3 met the target at 0.370 without GOC, so that level is open)
-    assert new == ["f32+goc", "c32"]
+    assert new == ["rule:steps=f32+goc", "rule:steps=c32"]
+    # FORA-2 missed at 1.65x and rm-50+goc at 1.62x: nothing met the target yet, so the best of each
+    # open level is timed (the set of 12 at 0.409, RM-75 at 0.262), and FORA-3, which shares the set's
+    # level, as well: it is the preset the choice will be compared with
+    rows = [row("fora:interval=2", 0.557, 34.3), row("rule:preset=rm-50+goc", 0.508, 33.0),
+            row("fora:interval=3", 0.409, 28.1), row("rule:preset=rm-75", 0.262, 25.5), row("rule:steps=s12", 0.409, 30.4)]
+    timing = {"fora:interval=2": {"speedup": 1.65}, "rule:preset=rm-50+goc": {"speedup": 1.62}}
+    assert search_mod.refit_candidates(rows, timing, 0.415, TuneOptions(target_speedup=2.0)) == [
+        "rule:steps=s12", "rule:preset=rm-75", "fora:interval=3"]

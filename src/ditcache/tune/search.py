@@ -395,7 +395,15 @@ def refit_candidates(rows: list[dict], timing: dict, need_macs: float, options: 
     levels: dict[tuple, dict] = {}
     for r in sorted(pool, key=lambda r: -r["psnr_vs_uncached"]):
         levels.setdefault(_level(r), r)
-    return [r["spec"] for r in list(levels.values())[:options.timed]]
+    # and the best preset that may meet the target, so the choice is compared with the best preset
+    # at the speed it reaches, not with whichever preset the first model happened to time
+    met = [r for r in timed if "steps=" not in r["spec"] and r["speedup"] >= options.target_speedup]
+    presets = [r for r in rows if "steps=" not in r["spec"] and r["spec"] not in timing and _level(r) not in missed
+               and r["macs_ratio"] <= need_macs * (1 + SPEED_MARGIN) + 1e-9
+               and r["psnr_vs_uncached"] > max((m["psnr_vs_uncached"] for m in met), default=-math.inf)]
+    best_preset = max(presets, key=lambda r: r["psnr_vs_uncached"], default=None)
+    specs = [r["spec"] for r in list(levels.values())[:options.timed]]
+    return specs + ([best_preset["spec"]] if best_preset and best_preset["spec"] not in specs else [])
 
 
 def pareto(rows: list[dict]) -> set[str]:
