@@ -250,3 +250,41 @@ def test_a_refit_times_only_what_could_change_the_choice():
     timing = {"fora:interval=2": {"speedup": 1.65}, "rule:preset=rm-50+goc": {"speedup": 1.62}}
     assert search_mod.refit_candidates(rows, timing, 0.415, TuneOptions(target_speedup=2.0)) == [
         "rule:steps=s12", "rule:preset=rm-75", "fora:interval=3"]
+
+
+def test_a_speed_target_with_refits_resumes_without_timing_again(tmp_path, loaded, monkeypatch):
+    """Timings are saved as they are made (the first one and each refit's), so a rerun from the same
+    --out reads them back: the same refits, the same choice, and nothing timed twice."""
+    from ditcache.bench import speed
+
+    calls = []
+
+    def macs(spec):  # as in the refit test: (6 - k) / 6 + 0.02 for k reused steps
+        base = spec.split("+")[0]
+        k = len(base.split("=")[1].split("/")) if base.startswith("rule:steps=") else len(preset_steps(base, 6))
+        return (6 - k) / 6 + 0.02
+
+    def fake_rows(loaded_, config, specs, repeats, device, progress=False):
+        calls.append(specs)
+        rows = []
+        for spec in specs:
+            m = 1.0 if spec == "none" else macs(spec)
+            # the first call is the probe, which sees no fixed share; the device has one of 0.5
+            s = 1.0 if spec == "none" else (1 / m if len(calls) == 1 else 1 / (0.5 + 0.5 * m))
+            row = speed.SpeedRow(spec, 1.0 / s, [1.0 / s], m, m)
+            row.speedup, row.speedup_all = s, [s]
+            rows.append(row)
+        return rows
+
+    monkeypatch.setattr(speed, "time_policies", fake_rows)
+    first = tune(loaded, CONFIG, tmp_path / "t", options(target_compute=None, target_speedup=1.6))
+    assert any(n.startswith("refit 1: ") for n in first["notes"]) and list((tmp_path / "t").glob("timing-*-refit1.json"))
+
+    saved = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "t").glob("*.json") if p.name.startswith(("timing-", "speed_model"))}
+    calls.clear()
+    again = tune(loaded, CONFIG, tmp_path / "t", options(target_compute=None, target_speedup=1.6))
+    assert (again["chosen"], again["notes"], again["target_met"]) == (first["chosen"], first["notes"], first["target_met"])
+    # no search timing was made again (the files were not rewritten); the held-out check times its
+    # two rows, as compare always does
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "t").glob("*.json") if p.name in saved} == saved
+    assert all(set(specs) <= {"none", again["chosen"], again["best_preset"]} for specs in calls)
