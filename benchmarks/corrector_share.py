@@ -14,6 +14,9 @@ target is stated for: RM-50 alone, with GOC, with EOC and with both.
     PYTHONPATH=src python benchmarks/corrector_share.py --which xl --xl-depth 4     # XL blocks, shorter stack
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/corrector_share.py   # one thread
 
+With --kept each spec's policy and correctors are made once and kept across the repeats, as one
+``ditcache sample`` keeps them across its batches (EOC builds its factors in the first batch only).
+
 With --step-ahead each corrector row runs twice, interleaved: per call (the CPU default) and with
 the whole step corrected at its start (``engine.step_ahead = True``, the CUDA default and the
 compiled engine's way); rows are named SPEC|per-call and SPEC|step-ahead.
@@ -28,10 +31,12 @@ import tempfile
 
 import torch
 
-from ditcache.bench.speed import random_dit, speed_table, time_engine_variants, time_policies
+from ditcache.bench.compare import parse_cache
+from ditcache.bench.speed import random_dit, round_robin, speed_table, time_engine_variants, time_policies
+from ditcache.engine import CacheEngine
 from ditcache.calibration.prior import extract_prior
 from ditcache.models.loading import load_model
-from ditcache.sampling.generate import SampleConfig
+from ditcache.sampling.generate import SampleConfig, generate
 
 PATHS = {"per-call": {"step_ahead": False}, "step-ahead": {"step_ahead": True}}
 
@@ -64,6 +69,22 @@ def xl_job(args):
     return f"DiT-XL/2 shape (random weights, depth {args.xl_depth}), DDIM-8, 2 rows", loaded, config, specs
 
 
+def time_kept(loaded, config, specs: list, repeats: int):
+    """As ``time_policies``, but each spec's policy and correctors are made once and kept across the
+    warm-up and the repeats, as one ``ditcache sample`` keeps them across its batches: what a long
+    run pays per batch once EOC has built its factors (``--kept``)."""
+    made = {spec: parse_cache(spec) for spec in specs}
+
+    def run(spec):
+        policy, correctors = made[spec]
+        with CacheEngine(loaded.module, policy, correctors) as engine:
+            return generate(loaded, config, engine=engine)
+
+    for spec in specs[1:]:
+        run(spec)  # each corrector's first batch, untimed
+    return round_robin(run, specs, repeats, progress=False)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--which", default="default,xl", help="default, xl or both (default: default,xl)")
@@ -71,12 +92,16 @@ def main() -> None:
     p.add_argument("--prior", default=None, help="an EOC prior of the default model (DDIM-20, cfg 1.5)")
     p.add_argument("--xl-depth", type=int, default=28, help="blocks of the XL model (default 28, DiT-XL/2's)")
     p.add_argument("--step-ahead", action="store_true", help="time each corrector per call and step-ahead, interleaved")
+    p.add_argument("--kept", action="store_true",
+                   help="keep each spec's correctors across the repeats (a long run's later batches)")
     args = p.parse_args()
     jobs = {"default": default_job, "xl": xl_job}
     for which in args.which.split(","):
         title, loaded, config, specs = jobs[which](args)
         print(f"{title}; {torch.get_num_threads()} threads; load average before: {load()}", flush=True)
-        if args.step_ahead:
+        if args.kept:
+            rows = time_kept(loaded, config, specs, args.repeats)
+        elif args.step_ahead:
             rows = time_engine_variants(loaded, config, specs, PATHS, args.repeats)
         else:
             rows = time_policies(loaded, config, specs, args.repeats, progress=False)
