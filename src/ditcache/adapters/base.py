@@ -124,7 +124,6 @@ class Adapter:
                 sites[Site(i, branch)] = getattr(block, attrs[branch])
         return sites
 
-
     def input_modules(self, model: nn.Module) -> dict[Site, nn.Module]:
         """The input module of every site that has one (``input_attrs``), keyed by site."""
         branches = self.branches(model)

@@ -77,8 +77,7 @@ class StaticCompileEngine(CacheEngine):
     def begin_step(self, step: StepInfo) -> None:
         self._flush()
         super().begin_step(step)  # with correctors: the step's corrected features, into _ahead
-        schedule = self.policy.schedule()
-        reused = set(schedule.cached_sites(step.index)) if schedule is not None else set()
+        reused = set(self._reused_now)
         # a dict of its own for the changed features, so no graph input is also a stored tensor
         self._corrected.clear()
         self._corrected.update((site, f) for site, f in self._ahead.items() if f is not self.store.get(site))

@@ -83,6 +83,8 @@ class CacheEngine:
         self.skip_inputs = True
         self._skip_on = False
         self._skipped: frozenset[Site] = frozenset()  # sites whose input module runs on one token this step
+        self._schedule = None  # the policy's static schedule for this run, or None
+        self._reused_now: list[Site] = []  # the sites the schedule reuses at the current step, in install order
         self.model_info: dict = {}  # fingerprint / resolution of the loaded model, for RunInfo
 
     def describe_model(self, fingerprint: str, resolution: int) -> "CacheEngine":
@@ -150,13 +152,16 @@ class CacheEngine:
         self._observes = type(self.policy).observe is not Policy.observe
         self._skip_on = self.skip_inputs and schedule is not None and not self._observes
         self._skipped = frozenset()
+        self._schedule = schedule
 
     def begin_step(self, step: StepInfo) -> None:
         self._note_memory()
         self._step = step
         self.finite_watch.clear()
         self._ahead.clear()
-        self._skipped = frozenset(self.policy.schedule().cached_sites(step.index)) if self._skip_on else frozenset()
+        # read once per step: the input skip, the step-ahead correction and the compiled plan use it
+        self._reused_now = self._schedule.cached_sites(step.index) if self._schedule is not None else []
+        self._skipped = frozenset(self._reused_now) if self._skip_on else frozenset()
         if self._ahead_on and (self.step_ahead or any(t.is_cuda for t in self.store.values())):
             self._correct_step(step)
             self._note_memory()
@@ -167,12 +172,13 @@ class CacheEngine:
         self.store.clear()
         self._ahead.clear()
         self._skipped = frozenset()
+        self._reused_now = []
 
     def _correct_step(self, step: StepInfo) -> None:
         """Make the corrected feature of every site the schedule reuses at ``step`` (into ``_ahead``)."""
         start = time.perf_counter()
         # a site reused before it was ever stored is left to the call, which names the problem
-        sites = [site for site in self.policy.schedule().cached_sites(step.index) if site in self.store]
+        sites = [site for site in self._reused_now if site in self.store]
         if sites:
             stages = [[self.store[site] for site in sites]]  # what each corrector is handed, then its output
             for corrector in self.correctors:
