@@ -21,14 +21,7 @@ from ditcache.policies.schedule import Schedule
 from .test_engine import trajectory
 
 STEPS = 10
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def mixed_schedule(depth=3):

@@ -11,37 +11,17 @@ import torch._dynamo
 from torch._dynamo.testing import CompileCounter
 from torch._dynamo.utils import counters
 
-from ditcache.calibration.prior import extract_prior
 from ditcache.correctors.eoc import EocConfig, EocCorrector
 from ditcache.correctors.forecast import ForecastConfig, ForecastCorrector
 from ditcache.correctors.goc import GocConfig, GocCorrector
 from ditcache.engine import CacheEngine
 from ditcache.engine.compiled import StaticCompileEngine
 from ditcache.policies import make_policy
-from ditcache.sampling.generate import SampleConfig
 
-from ..correctors.conftest import CFG, STEPS, run_steps, tiny_loaded
+from ..correctors.conftest import STEPS, run_steps
 
 COUNTED = ("compute_fraction", "macs_ratio")
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-
-
-@pytest.fixture(scope="module")
-def loaded():
-    return tiny_loaded()
-
-
-@pytest.fixture(scope="module")
-def prior(loaded, tmp_path_factory):
-    out = tmp_path_factory.mktemp("prior") / "prior"
-    return str(extract_prior(loaded, SampleConfig(num_samples=4, batch_size=4, steps=STEPS, cfg_scale=CFG), out).path)
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 # (policy, correctors, distinct plans): "c" computed, "r" reused as stored, "x" reused corrected

@@ -20,7 +20,7 @@ from ditcache.policies.static import StaticPolicy
 from ditcache.tune.steps import ChangeRecorder
 from ditcache.types import WITH_CROSS
 
-from ..correctors.conftest import STEPS, run_steps, tiny_loaded
+from ..correctors.conftest import STEPS, run_steps
 from ..pipelines.test_enable import run_dit, run_pixart
 
 
@@ -73,11 +73,6 @@ def dit_run(loaded, policy, correctors=(), skip=True):
         report = engine.report()
     shapes.remove()
     return outs, report, shapes.seen
-
-
-@pytest.fixture(scope="module")
-def loaded():
-    return tiny_loaded()
 
 
 @pytest.mark.parametrize("case", ["rm-50", "fora-3+goc", "mixed"])

@@ -6,7 +6,6 @@ CPU the engine takes the per-call path by default; these tests force step-ahead 
 import pytest
 import torch
 
-from ditcache.calibration.prior import extract_prior
 from ditcache.correctors import Corrector, eoc, goc
 from ditcache.correctors.eoc import EocConfig, EocCorrector
 from ditcache.correctors.forecast import ForecastConfig, ForecastCorrector
@@ -14,20 +13,8 @@ from ditcache.correctors.goc import GocConfig, GocCorrector
 from ditcache.engine import CacheEngine
 from ditcache.finite import NonFiniteError
 from ditcache.policies import make_policy
-from ditcache.sampling.generate import SampleConfig
 
-from ..correctors.conftest import CFG, STEPS, run_steps, tiny_loaded
-
-
-@pytest.fixture(scope="module")
-def loaded():
-    return tiny_loaded()
-
-
-@pytest.fixture(scope="module")
-def prior(loaded, tmp_path_factory):
-    out = tmp_path_factory.mktemp("prior") / "prior"
-    return str(extract_prior(loaded, SampleConfig(num_samples=4, batch_size=4, steps=STEPS, cfg_scale=CFG), out).path)
+from ..correctors.conftest import STEPS, run_steps
 
 
 RM50 = ("rule", {"preset": "rm-50"})
