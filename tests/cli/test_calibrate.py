@@ -129,45 +129,45 @@ def test_correctors_run_through_sample_specs(model_file, prior, tmp_path, capsys
     assert "steps: artifact 6 vs run 4" in capsys.readouterr().err
 
 
-def test_eoc_fit_stores_gamma_and_scores_it_on_held_out_samples(model_file, prior, tmp_path, capsys):
+def fit_a_copy(capsys, command, prior, model_file, tmp_path):
+    """Run a fit command (eoc-fit, forecast-fit) on 3 samples into a copy of the shared prior:
+    (the copy's path, the JSON report)."""
     import shutil
 
     path = str(tmp_path / "prior")
     shutil.copytree(prior, path)
-    code, out, err = calibrate(capsys, "eoc-fit", "--prior", path, "--model", model_file, "--num-samples", "3",
-                               "--json")
+    code, out, err = calibrate(capsys, command, "--prior", path, "--model", model_file, "--num-samples", "3", "--json")
     assert code == 0, err
-    report = json.loads(out)
+    return path, json.loads(out)
+
+
+def held_out_report(capsys, command, path, prior, model_file) -> str:
+    """The fit's --holdout report on a fitted prior; on the shared, never-fitted prior it is refused."""
+    code, out, _ = calibrate(capsys, command, "--prior", path, "--model", model_file, "--num-samples", "2",
+                             "--seed", "7", "--holdout")
+    assert code == 0 and "held-out samples" in out
+    code, _, err = calibrate(capsys, command, "--prior", prior, "--model", model_file, "--holdout")
+    assert code == 2 and f"calibrate {command}" in err  # the shared prior was never fitted
+    return out
+
+
+def test_eoc_fit_stores_gamma_and_scores_it_on_held_out_samples(model_file, prior, tmp_path, capsys):
+    path, report = fit_a_copy(capsys, "eoc-fit", prior, model_file, tmp_path)
     assert report["K"] == 3 and not report["holdout"] and len(report["gamma_branch"]["mul"]) == 2
     names = [v["name"] for v in report["variants"]]
     assert names[0] == "paper mul γ=0.01" and "fit add per step" in names
     assert load_prior(path).artifact.meta["fit"]["seed"] == 1
-    code, out, _ = calibrate(capsys, "eoc-fit", "--prior", path, "--model", model_file, "--num-samples", "2",
-                             "--seed", "7", "--holdout")
-    assert code == 0 and "held-out samples" in out and "fit mul per block" in out
-    code, _, err = calibrate(capsys, "eoc-fit", "--prior", prior, "--model", model_file, "--holdout")
-    assert code == 2 and "calibrate eoc-fit" in err  # the shared prior was never fitted
+    assert "fit mul per block" in held_out_report(capsys, "eoc-fit", path, prior, model_file)
     assert main(["sample", "--model", model_file, "--steps", "6", "--num-samples", "2", "--policy",
                  "rule:steps=1/3", "--corrector", f"eoc:prior={path},fit=branch", "--out", str(tmp_path / "s")]) == 0
 
 
 def test_forecast_fit_stores_grams_and_scores_them_on_held_out_samples(model_file, prior, tmp_path, capsys):
-    import shutil
-
-    path = str(tmp_path / "prior")
-    shutil.copytree(prior, path)
-    code, out, err = calibrate(capsys, "forecast-fit", "--prior", path, "--model", model_file, "--num-samples", "3",
-                               "--json")
-    assert code == 0, err
-    report = json.loads(out)
+    path, report = fit_a_copy(capsys, "forecast-fit", prior, model_file, tmp_path)
     assert report["K"] == 3 and not report["holdout"] and [r["interval"] for r in report["intervals"]] == [2, 3, 4]
     assert set(report["intervals"][0]["removed"]) == {"order 1", "order 2", "fit=site", "fit=step"}
     assert load_prior(path).artifact.meta["forecast_fit"]["seed"] == 1
-    code, out, _ = calibrate(capsys, "forecast-fit", "--prior", path, "--model", model_file, "--num-samples", "2",
-                             "--seed", "7", "--holdout")
-    assert code == 0 and "held-out samples" in out and "fit=site" in out
-    code, _, err = calibrate(capsys, "forecast-fit", "--prior", prior, "--model", model_file, "--holdout")
-    assert code == 2 and "calibrate forecast-fit" in err  # the shared prior was never fitted
+    assert "fit=site" in held_out_report(capsys, "forecast-fit", path, prior, model_file)
     assert main(["sample", "--model", model_file, "--steps", "6", "--num-samples", "2", "--policy",
                  "fora:interval=2", "--corrector", f"forecast:prior={path},fit=site", "--out", str(tmp_path / "s")]) == 0
 
