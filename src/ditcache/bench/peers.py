@@ -168,6 +168,21 @@ def is_peer(spec: str) -> bool:
     return spec.startswith(("diffusers:", "cache-dit:"))
 
 
+def run_or_record(spec: str, row: dict, rows: list, run):
+    """``run()``'s result; or None, with ``row`` recorded in ``rows`` as not run (NotApplicable) or,
+    for a peer's cache that breaks on this model, as failed: a row, not a crash. Ours still raise."""
+    try:
+        return run()
+    except NotApplicable as why:
+        row["status"] = f"not run: {why}"
+    except Exception as err:
+        if not is_peer(spec):
+            raise
+        row["status"] = failed_status(err)
+    rows.append(row)
+    return None
+
+
 def check_spec(spec: str) -> None:
     """Raise ValueError for a malformed spec before any sampling starts (peers are checked at build)."""
     if spec != NONE and not is_peer(spec):
@@ -254,13 +269,8 @@ def compare_peers(loaded, config: SampleConfig, specs: Sequence[str], options: P
             continue
         if options.progress:
             print(f"{spec}: sampling {config.num_samples}", flush=True)
-        try:
-            run = run_system(system, loaded, config)
-        except Exception as err:  # a peer's cache that breaks on this model is a row, not a crash
-            if not is_peer(spec):
-                raise
-            row["status"] = failed_status(err)
-            rows.append(row)
+        run = run_or_record(spec, row, rows, lambda: run_system(system, loaded, config))
+        if run is None:
             continue
         reference = run if reference is None else reference
         runs[spec] = system

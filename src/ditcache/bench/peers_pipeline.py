@@ -29,7 +29,7 @@ import torch
 
 from ..metrics.fidelity import fidelity
 from ..pipelines.toy import pixart_pipeline
-from .peers import NONE, CallCounter, NotApplicable, PeerRun, check_spec, failed_status, is_peer
+from .peers import NONE, CallCounter, NotApplicable, PeerRun, check_spec, run_or_record
 
 # DPM-Solver++ 20 steps with every 2nd / 3rd / 4th step computed from step 0 (50% / 35% / 25% of the calls),
 # as diffusers' TaylorSeer with warmup 1 computes them (its interval 4 computes one step more: 30%);
@@ -157,18 +157,10 @@ def compare_pipeline_peers(specs: Sequence[str], job: PixArtJob = PixArtJob(), p
         row = {"spec": spec}
         if progress:
             print(f"{spec}: sampling {job.num_samples}", flush=True)
-        try:
-            run, seconds = run_pipeline_system(spec, pipe, base, job)
-        except NotApplicable as why:
-            row["status"] = f"not run: {why}"
-            rows.append(row)
+        made = run_or_record(spec, row, rows, lambda: run_pipeline_system(spec, pipe, base, job))
+        if made is None:
             continue
-        except Exception as err:  # a peer's cache that breaks on this pipeline is a row
-            if not is_peer(spec):
-                raise
-            row["status"] = failed_status(err)
-            rows.append(row)
-            continue
+        run, seconds = made
         reference = run if reference is None else reference
         row.update({"status": "ok", "compute_fraction": run.fraction, "seconds_quality_run": seconds,
                     "engine_compute_fraction": run.report.get("compute_fraction")})
